@@ -1,0 +1,27 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test serve lint protos bench
+
+install: $(STAMP)
+
+# torch is pinned first so pip never resolves the multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+serve: install
+	$(VENV)/bin/raymoe serve
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+protos: install
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos protos/expert.proto

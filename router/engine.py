@@ -1,0 +1,234 @@
+"""The step loop: continuous batching of many sequences over one rolling KV cache."""
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from attention.cache import RollingKVCache
+from router.dispatch import ExpertBackend
+from router.model import RouterModel
+from router.sampling import SamplingParams, sample_row
+from router.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def top_logprobs(row: torch.Tensor, n: int, chosen: int) -> dict[int, float]:
+    """row (V,) log-probs -> {token: log-prob} for the n most likely tokens and the chosen one."""
+    out = {}
+    if n:
+        vals, ids = row.topk(min(n, row.numel()))
+        out = dict(zip(ids.tolist(), vals.tolist(), strict=True))
+    out[chosen] = float(row[chosen])
+    return out
+
+
+@dataclass
+class Sequence:
+    seq_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    chunk_size: int
+    prompt: str | None = None
+    keep_prompt_rows: bool = False  # keep every prompt position's full log-softmax (scoring)
+    output_ids: list[int] = field(default_factory=list)
+    row: int | None = None  # cache row while running
+    num_computed: int = 0  # tokens whose keys and values are cached
+    cumulative_logprob: float = 0.0
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    prompt_rows: list[torch.Tensor] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.keep_prompt_rows or self.params.prompt_logprobs is not None
+
+
+class Engine:
+    """Steps all running sequences together; new ones join between steps, finished ones leave.
+
+    Each step runs every decoding sequence's next token plus prompt chunks of the prefilling
+    ones, within a token budget, as one flat batch through the model.
+    """
+
+    def __init__(self, model: RouterModel, experts: ExpertBackend, *, max_num_seqs: int = 64,
+                 max_model_len: int | None = None, chunk_size: int | None = None,
+                 max_num_batched_tokens: int = 2048, tokenizer: Tokenizer | None = None, seed: int = 0,
+                 kv_cache_bytes: int = 2 << 30):
+        a = self.args = model.args
+        self.model, self.experts, self.tokenizer = model, experts, tokenizer
+        self.max_model_len = min(max_model_len or a.max_position_embeddings, a.max_position_embeddings)
+        window = min(a.sliding_window or self.max_model_len, self.max_model_len)
+        dtype = model.tok_embeddings.weight.dtype
+        row_bytes = 2 * a.n_layers * window * a.n_kv_heads * a.head_dim * dtype.itemsize
+        if row_bytes * max_num_seqs > kv_cache_bytes:
+            max_num_seqs = max(1, kv_cache_bytes // row_bytes)
+            log.warning("KV cache of %d rows of %d MiB each fits kv_cache_bytes; lower max_model_len for more",
+                        max_num_seqs, row_bytes >> 20)
+        self.max_num_seqs = max_num_seqs
+        self.cache = RollingKVCache(a.n_layers, max_num_seqs, window, a.n_kv_heads, a.head_dim, dtype)
+        self.chunk_size = chunk_size or window
+        self.max_num_batched_tokens = max(max_num_batched_tokens, self.chunk_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self._ids = count()
+        # Counters for metrics: tokens processed and per-(layer, expert) routed tokens.
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self.expert_tokens = torch.zeros(a.n_layers, a.n_experts, dtype=torch.long)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, *, seq_id: str | None = None,
+                    prompt: str | None = None, chunk_size: int | None = None,
+                    keep_prompt_rows: bool = False) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.max_model_len} tokens")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
+        seq = Sequence(seq_id if seq_id is not None else str(next(self._ids)), list(prompt_ids), params, gen,
+                       chunk_size or self.chunk_size, prompt=prompt, keep_prompt_rows=keep_prompt_rows)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq_id: str) -> None:
+        for seq in list(self.waiting):
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+        for seq in self.running:
+            if seq.seq_id == seq_id:
+                self._finish(seq, "abort")
+        self.running = [s for s in self.running if not s.finished]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """Run one batch; return the sequences that produced a token or finished in it."""
+        while self.waiting and self.free_rows:
+            seq = self.waiting.popleft()
+            seq.row = self.free_rows.pop()
+            self.running.append(seq)
+        if not self.running:
+            return []
+
+        decode = [s for s in self.running if s.prefilled]
+        budget = self.max_num_batched_tokens - len(decode)
+        prefill: list[tuple[Sequence, int]] = []
+        for s in self.running:
+            if not s.prefilled and budget > 0:
+                n = min(s.chunk_size, len(s.prompt_ids) - s.num_computed, budget)
+                prefill.append((s, n))
+                budget -= n
+
+        tokens = [s.output_ids[-1] for s in decode]
+        logit_rows = list(range(len(decode)))
+        for s, n in prefill:
+            start = len(tokens)
+            tokens += s.prompt_ids[s.num_computed : s.num_computed + n]
+            if s.wants_prompt_logprobs:
+                logit_rows += range(start, start + n)
+            elif s.num_computed + n == len(s.prompt_ids):
+                logit_rows.append(start + n - 1)
+
+        meta = self.cache.plan([s.row for s in decode], [s.num_computed for s in decode],
+                               [(s.row, s.num_computed, n) for s, n in prefill])
+        trace: list = []
+        logits = self.model(torch.tensor(tokens), meta, self.cache, self.experts, torch.tensor(logit_rows), trace)
+        self.expert_tokens += torch.stack([torch.bincount(ids.flatten(), minlength=self.args.n_experts)
+                                           for ids, _ in trace])
+        logprobs = torch.log_softmax(logits, dim=-1)  # (rows, V)
+
+        updated = []
+        r = 0
+        for s in decode:
+            s.num_computed += 1
+            self._sample(s, logits[r], logprobs[r])
+            updated.append(s)
+            r += 1
+        for s, n in prefill:
+            if s.wants_prompt_logprobs:
+                rows = logprobs[r : r + n]
+                self._record_prompt_logprobs(s, rows)
+                r += n
+                last = r - 1
+            else:
+                last = r
+            s.num_computed += n
+            self.num_prompt_tokens += n
+            if s.prefilled:
+                if s.params.max_tokens == 0:
+                    self._finish(s, "length")
+                else:
+                    self._sample(s, logits[last], logprobs[last])
+                updated.append(s)
+                if not s.wants_prompt_logprobs:
+                    r += 1
+        self.running = [s for s in self.running if not s.finished]
+        return updated
+
+    def _record_prompt_logprobs(self, s: Sequence, rows: torch.Tensor) -> None:
+        """rows (n, V): log-probs predicting the tokens after positions num_computed.. of the prompt."""
+        if s.keep_prompt_rows:
+            s.prompt_rows.append(rows.clone())
+        n_top = s.params.prompt_logprobs
+        if n_top is None:
+            return
+        if s.num_computed == 0:
+            s.prompt_logprobs.append(None)
+        for i in range(rows.shape[0]):
+            nxt = s.num_computed + i + 1
+            if nxt < len(s.prompt_ids):
+                s.prompt_logprobs.append(top_logprobs(rows[i], n_top, s.prompt_ids[nxt]))
+
+    def _sample(self, s: Sequence, logits: torch.Tensor, logprobs: torch.Tensor) -> None:
+        tok = sample_row(logits, s.params, s.generator)
+        s.output_ids.append(tok)
+        s.cumulative_logprob += float(logprobs[tok])
+        if s.params.logprobs is not None:
+            s.output_logprobs.append(top_logprobs(logprobs, s.params.logprobs, tok))
+        self.num_generated_tokens += 1
+        p = s.params
+        if self.tokenizer is not None:
+            s.text = self.tokenizer.decode(s.output_ids)
+            for stop in p.stop:
+                at = s.text.find(stop)
+                if at >= 0:
+                    s.text = s.text[:at]
+                    return self._finish(s, "stop")
+        if (tok in self.args.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return self._finish(s, "stop")
+        if len(s.output_ids) >= p.max_tokens or s.num_computed + 1 >= self.max_model_len:
+            return self._finish(s, "length")
+
+    def _finish(self, s: Sequence, reason: str) -> None:
+        s.finish_reason = reason
+        if s.row is not None:
+            self.free_rows.append(s.row)
+            s.row = None

@@ -1,0 +1,106 @@
+"""The offline API, shaped like vLLM's `LLM`."""
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from experts.checkpoint import DTYPES, Checkpoint
+from router.dispatch import ExpertBackend, LocalExperts
+from router.engine import Engine, Sequence
+from router.model import RouterModel
+from router.outputs import CompletionOutput, RequestOutput
+from router.sampling import SamplingParams
+from router.tokenizer import Tokenizer
+
+PromptType = str | dict | list[int]
+
+
+def make_expert_backend(name: str, ckpt: Checkpoint, dtype: torch.dtype, **options) -> ExpertBackend:
+    if name == "local":
+        if options:
+            raise TypeError(f"expert_backend='local' takes no options, got {sorted(options)}")
+        return LocalExperts(ckpt, dtype)
+    if name == "ray":
+        from cluster.bringup import ray_expert_backend  # the cluster layer wires Ray in
+
+        return ray_expert_backend(ckpt, dtype, **options)
+    raise ValueError(f"unknown expert_backend {name!r}: expected 'local' or 'ray'")
+
+
+def to_output(seq: Sequence) -> RequestOutput:
+    return RequestOutput(
+        request_id=seq.seq_id,
+        prompt=seq.prompt,
+        prompt_token_ids=seq.prompt_ids,
+        outputs=[CompletionOutput(0, seq.text, list(seq.output_ids), seq.cumulative_logprob,
+                                  seq.output_logprobs if seq.params.logprobs is not None else None,
+                                  seq.finish_reason)],
+        finished=seq.finished,
+        prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+    )
+
+
+class LLM:
+    """A Mixtral-style checkpoint ready to generate, with its experts in-process or on Ray.
+
+    >>> llm = LLM(model="models/tiny-mixtral")
+    >>> llm.generate(["def f(x):"], SamplingParams(temperature=0.0, max_tokens=16))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | Path, expert_backend: str = "local", dtype: str = "float32", *,
+                 max_num_seqs: int = 64, max_model_len: int | None = None, chunk_size: int | None = None,
+                 max_num_batched_tokens: int = 2048, seed: int = 0, **backend_options):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.model_path = Path(model)
+        self.checkpoint = Checkpoint(model)
+        self.args = self.checkpoint.args
+        self.dtype = DTYPES[dtype]
+        self.tokenizer = Tokenizer.maybe(model)
+        router_model = RouterModel.from_checkpoint(self.checkpoint, self.dtype)
+        self.experts = make_expert_backend(expert_backend, self.checkpoint, self.dtype, **backend_options)
+        self.engine = Engine(router_model, self.experts, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             chunk_size=chunk_size, max_num_batched_tokens=max_num_batched_tokens,
+                             tokenizer=self.tokenizer, seed=seed)
+
+    def encode(self, prompt: PromptType) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_path} has no tokenizer.json: pass prompt_token_ids instead of text")
+            return self.tokenizer.encode(prompt), prompt
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+            return self.encode(prompt["prompt"])
+        return list(prompt), None
+
+    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            bar.update(sum(s.finished for s in self.engine.step()))
+        bar.close()
+
+    def generate(self, prompts: PromptType | list[PromptType], sampling_params: SamplingParams | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt concurrently through the engine; outputs come back in prompt order."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        seqs = []
+        for p in prompts:
+            ids, text = self.encode(p)
+            seqs.append(self.engine.add_request(ids, params, prompt=text))
+        self._run(seqs, use_tqdm)
+        return [to_output(s) for s in seqs]
+
+    def logprobs(self, prompts: list[PromptType], chunk_size: int | None = None) -> list[torch.Tensor]:
+        """Score prompts: per prompt a (len, vocab) float32 log-softmax; row t predicts token t + 1."""
+        params = SamplingParams(max_tokens=0)
+        seqs = [self.engine.add_request(self.encode(p)[0], params, chunk_size=chunk_size, keep_prompt_rows=True)
+                for p in prompts]
+        self._run(seqs, use_tqdm=False)
+        return [torch.cat(s.prompt_rows) for s in seqs]
+
+    def shutdown(self) -> None:
+        self.experts.close()

@@ -1,0 +1,87 @@
+"""Everything of a Mixtral model except the experts: embeddings, attention, gates, final norm, LM head."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention.attention import Attention
+from attention.cache import RollingKVCache, StepMetadata
+from attention.norm import RMSNorm
+from attention.rope import RotaryEmbedding
+from experts.args import ModelArgs
+from experts.checkpoint import Checkpoint
+from router.dispatch import ExpertBackend
+
+
+def route(gate_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_logits (T, E) -> weights (T, k) float32, expert ids (T, k).
+
+    Softmax over the k largest logits equals softmax over all, keep top-k, renormalise.
+    """
+    top, ids = gate_logits.topk(k, dim=-1)
+    return F.softmax(top.float(), dim=-1), ids
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention = Attention(a.dim, a.n_heads, a.n_kv_heads, a.head_dim)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.gate = nn.Linear(a.dim, a.n_experts, bias=False)
+
+
+class RouterModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, meta: StepMetadata, cache: RollingKVCache, experts: ExpertBackend,
+                logit_rows: torch.Tensor, trace: list | None = None) -> torch.Tensor:
+        """tokens (T,) -> logits (len(logit_rows), V) float32 of the rows asked for.
+
+        trace, when given, receives (expert_ids, weights) per layer.
+        """
+        h = self.tok_embeddings(tokens)  # (T, dim)
+        cos, sin = self.rope.cos_sin(meta.positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = h + layer.attention(layer.attention_norm(h), cos, sin, meta, cache.k[i], cache.v[i])
+            x = layer.ffn_norm(h)
+            weights, ids = route(layer.gate(x), self.args.top_k)
+            if trace is not None:
+                trace.append((ids, weights))
+            h = h + experts.forward(i, x, ids, weights)
+        return self.output(self.norm(h[logit_rows])).float()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype) -> "RouterModel":
+        a = ckpt.args
+        with torch.device("meta"):
+            model = cls(a)
+        kv = a.n_kv_heads * a.head_dim
+        names = {
+            "tok_embeddings.weight": ("model.embed_tokens.weight", (a.vocab_size, a.dim)),
+            "norm.weight": ("model.norm.weight", (a.dim,)),
+            "output.weight": ("model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight",
+                              (a.vocab_size, a.dim)),
+        }
+        for i in range(a.n_layers):
+            p = f"model.layers.{i}"
+            names |= {
+                f"layers.{i}.attention_norm.weight": (f"{p}.input_layernorm.weight", (a.dim,)),
+                f"layers.{i}.ffn_norm.weight": (f"{p}.post_attention_layernorm.weight", (a.dim,)),
+                f"layers.{i}.attention.wq.weight": (f"{p}.self_attn.q_proj.weight", (a.n_heads * a.head_dim, a.dim)),
+                f"layers.{i}.attention.wk.weight": (f"{p}.self_attn.k_proj.weight", (kv, a.dim)),
+                f"layers.{i}.attention.wv.weight": (f"{p}.self_attn.v_proj.weight", (kv, a.dim)),
+                f"layers.{i}.attention.wo.weight": (f"{p}.self_attn.o_proj.weight", (a.dim, a.n_heads * a.head_dim)),
+                f"layers.{i}.gate.weight": (f"{p}.block_sparse_moe.gate.weight", (a.n_experts, a.dim)),
+            }
+        state = {ours: ckpt.tensor(hf, shape, dtype) for ours, (hf, shape) in names.items()}
+        model.load_state_dict(state, assign=True)
+        return model.eval()

@@ -1,0 +1,29 @@
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class Tokenizer:
+    """The checkpoint's `tokenizer.json` (and chat template, when `tokenizer_config.json` has one)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        cfg_file = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.chat_template: str | None = cfg.get("chat_template")
+
+    @classmethod
+    def maybe(cls, path: str | Path) -> "Tokenizer | None":
+        return cls(path) if (Path(path) / "tokenizer.json").is_file() else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()

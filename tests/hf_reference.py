@@ -1,0 +1,36 @@
+"""Tiny random Mixtral checkpoints built with Hugging Face transformers, the reference for every number."""
+
+from pathlib import Path
+
+import torch
+
+
+def build_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     max_shard_size: str | None = None, **overrides):
+    """Save a random MixtralForCausalLM to `path`; return the float32 model in eval mode."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+               max_position_embeddings=512, initializer_range=0.15, rms_norm_eps=1e-5,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(MixtralConfig(**cfg)).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.to(dtype).save_pretrained(path, **kwargs)
+    return model.float()
+
+
+@torch.no_grad()
+def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(len, vocab) float32 log-softmax of the reference over one unpadded sequence."""
+    logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
