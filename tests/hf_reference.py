@@ -7,7 +7,7 @@ import torch
 
 def build_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
                      max_shard_size: str | None = None, **overrides):
-    """Save a random MixtralForCausalLM to `path`; return the float32 model in eval mode."""
+    """Save a random MixtralForCausalLM to `path`; return it as transformers loads it back, in float32."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -19,7 +19,8 @@ def build_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32, seed: in
     model = MixtralForCausalLM(MixtralConfig(**cfg)).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.to(dtype).save_pretrained(path, **kwargs)
-    return model.float()
+    # Reloaded rather than cast back: casting would also round buffers such as RoPE's inv_freq.
+    return MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @torch.no_grad()
