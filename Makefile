@@ -23,5 +23,6 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Rooted at the repository (-I.) so the generated code imports `from protos import expert_pb2`.
 protos: install
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos protos/expert.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/expert.proto

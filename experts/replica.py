@@ -1,0 +1,173 @@
+"""One replica of an expert shard: its (layer, expert) weights behind ExpertService on gRPC.
+
+Serve owns the replica's life (placement, health checks, restarts); the data plane bypasses
+Serve's request path: routers call the replica's own grpc.aio server, whose address the replica
+registers in a directory given to it (the cluster layer's, reached only through `Registry`).
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Protocol
+
+import grpc
+import torch
+from ray import serve
+
+from experts.checkpoint import DTYPES, Checkpoint
+from experts.ffn import ExpertSet
+from experts.wire import WIRE_NAMES, WireError, from_wire, grpc_options, to_wire
+from protos import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # 2048 tokens of dim 4096 in float32 is 32 MiB
+
+
+class Registry(Protocol):
+    """Where a replica announces its address; must survive pickling into the replica."""
+
+    def register(self, entry: dict) -> None: ...
+
+    def deregister(self, app: str, replica_id: str) -> None: ...
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    """Validates every request against what this replica holds, then runs the experts."""
+
+    def __init__(self, experts: ExpertSet, dim: int, n_experts: int, dtype: torch.dtype,
+                 max_message_bytes: int, info: expert_pb2.InfoResponse):
+        self.experts, self.dim, self.n_experts, self.dtype = experts, dim, n_experts, dtype
+        self.max_message_bytes = max_message_bytes
+        self.info = info
+        self.held: dict[int, torch.Tensor] = {}  # layer -> (n_experts,) bool: which experts are here
+        for layer, e in experts.weights:
+            self.held.setdefault(layer, torch.zeros(n_experts, dtype=torch.bool))[e] = True
+
+    def parse(self, req: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        size = req.ByteSize()
+        if size > self.max_message_bytes:
+            raise WireError(f"message of {size} bytes exceeds this replica's limit of "
+                            f"{self.max_message_bytes}")
+        held = self.held.get(req.layer)
+        if held is None:
+            raise WireError(f"layer {req.layer} is not held by shard {self.info.shard} "
+                            f"(it holds layers {sorted(self.held)})")
+        x = from_wire(req.hidden, "hidden", self.dtype, ndim=2)  # (N, dim)
+        ids = from_wire(req.expert_ids, "expert_ids", torch.int32, ndim=2)  # (N, k)
+        w = from_wire(req.weights, "weights", torch.float32, ndim=2)  # (N, k)
+        n, dim = x.shape
+        if dim != self.dim:
+            raise WireError(f"hidden: shape {[n, dim]}, but this model's hidden size is {self.dim}")
+        if ids.shape[0] != n or not 1 <= ids.shape[1] <= self.n_experts:
+            raise WireError(f"expert_ids: shape {list(ids.shape)}, expected ({n}, k) with "
+                            f"1 <= k <= {self.n_experts}")
+        if w.shape != ids.shape:
+            raise WireError(f"weights: shape {list(w.shape)} differs from expert_ids' {list(ids.shape)}")
+        out_of_range = (ids < -1) | (ids >= self.n_experts)
+        if out_of_range.any():
+            raise WireError(f"expert_ids: {int(ids[out_of_range][0])} is not an expert id "
+                            f"(0 <= id < {self.n_experts}, or -1 for none)")
+        elsewhere = (ids >= 0) & ~held[ids.clamp(min=0).long()]
+        if elsewhere.any():
+            raise WireError(f"expert {int(ids[elsewhere][0])} of layer {req.layer} is not held by shard "
+                            f"{self.info.shard} (it holds {held.nonzero().flatten().tolist()} there)")
+        return x, ids, w
+
+    async def Forward(self, request, context):
+        try:
+            x, ids, w = self.parse(request)
+        except WireError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        t = time.perf_counter_ns()
+        out = self.experts.forward(request.layer, x, ids, w)  # (N, dim)
+        return expert_pb2.ForwardResponse(output=to_wire(out), compute_ns=time.perf_counter_ns() - t)
+
+    async def Info(self, request, context):
+        return self.info
+
+    async def Echo(self, request, context):
+        if not 0 <= request.reply_bytes <= self.max_message_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reply_bytes must be in "
+                                f"[0, {self.max_message_bytes}], got {request.reply_bytes}")
+        payload = request.payload
+        if request.reply_bytes != len(payload):
+            payload = payload[: request.reply_bytes].ljust(request.reply_bytes, b"\0")
+        return expert_pb2.EchoResponse(payload=payload)
+
+
+class GrpcServer:
+    """A grpc.aio server on an event loop of its own thread, apart from Serve's loops."""
+
+    def __init__(self, servicer: ExpertServicer, host: str, max_message_bytes: int):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="expert-grpc", daemon=True)
+        self.thread.start()
+        self.server, port = asyncio.run_coroutine_threadsafe(
+            self._start(servicer, host, max_message_bytes), self.loop).result()
+        self.address = f"{host}:{port}"
+
+    @staticmethod
+    async def _start(servicer: ExpertServicer, host: str, max_message_bytes: int):
+        server = grpc.aio.server(options=grpc_options(max_message_bytes))
+        expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port(f"{host}:0")
+        await server.start()
+        return server, port
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace=None), self.loop).result(timeout=5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@serve.deployment(name="ExpertShard", health_check_period_s=2, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5,
+                  ray_actor_options={"num_cpus": 1})
+class ExpertShard:
+    """Holds the weights of one shard's (layer, expert) pairs, read from the checkpoint one by one."""
+
+    def __init__(self, model: str, dtype: str, shard: int, pairs: list[tuple[int, int]], num_shards: int,
+                 registry: Registry, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        import ray
+
+        ctx = serve.get_replica_context()
+        self.app, self.replica_id = ctx.app_name, ctx.replica_id.unique_id
+        self.registry = registry
+        ckpt = Checkpoint(model)
+        a = ckpt.args
+        pairs = [(int(l), int(e)) for l, e in pairs]
+        experts = ExpertSet.load(ckpt, pairs, DTYPES[dtype])
+        info = expert_pb2.InfoResponse(
+            app=self.app, shard=shard, replica_id=self.replica_id,
+            pairs=[expert_pb2.Pair(layer=l, expert=e) for l, e in pairs], bytes_loaded=ckpt.bytes_loaded,
+            max_message_bytes=max_message_bytes, dtype=WIRE_NAMES[DTYPES[dtype]], dim=a.dim)
+        servicer = ExpertServicer(experts, a.dim, a.n_experts, DTYPES[dtype], max_message_bytes, info)
+        self.server = GrpcServer(servicer, ray.util.get_node_ip_address(), max_message_bytes)
+        self.entry = dict(app=self.app, shard=shard, num_shards=num_shards, replica_id=self.replica_id,
+                          address=self.server.address, actor_name=ray.get_runtime_context().get_actor_name(),
+                          pairs=[list(p) for p in pairs], bytes_loaded=ckpt.bytes_loaded, dtype=dtype,
+                          max_message_bytes=max_message_bytes)
+        self.channel = grpc.insecure_channel(self.server.address)
+        self.ping = self.channel.unary_unary("/raymoe.experts.ExpertService/Info",
+                                             request_serializer=expert_pb2.InfoRequest.SerializeToString,
+                                             response_deserializer=expert_pb2.InfoResponse.FromString)
+        registry.register(self.entry)
+        log.info("shard %d replica %s serves %d experts at %s", shard, self.replica_id, len(pairs),
+                 self.server.address)
+
+    def check_health(self) -> None:
+        """Serve's health check: the gRPC server answers; re-registering heals a router's false alarm."""
+        self.ping(expert_pb2.InfoRequest(), timeout=10)
+        self.registry.register(self.entry)
+
+    def info(self) -> dict:
+        return dict(self.entry)
+
+    def __del__(self):
+        try:
+            self.registry.deregister(self.app, self.replica_id)
+        finally:
+            self.channel.close()
+            self.server.stop()

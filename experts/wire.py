@@ -1,0 +1,68 @@
+"""Tensors on the wire: raw little-endian bytes with a dtype name and a shape, never pickle."""
+
+import sys
+import warnings
+
+import torch
+
+from protos import expert_pb2
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "int32": torch.int32}
+WIRE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+# The transport accepts this many times a replica's message limit, so that messages a little over
+# the limit reach the handler and get INVALID_ARGUMENT with a reason rather than RESOURCE_EXHAUSTED.
+TRANSPORT_SLACK = 4
+
+if sys.byteorder != "little":
+    raise ImportError("raymoe's wire format is little-endian; big-endian hosts are not supported")
+
+
+class WireError(ValueError):
+    """A message that does not describe the tensor it claims to: answered with INVALID_ARGUMENT."""
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    limit = max_message_bytes * TRANSPORT_SLACK
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def to_wire(t: torch.Tensor) -> expert_pb2.Tensor:
+    name = WIRE_NAMES.get(t.dtype)
+    if name is None:
+        raise WireError(f"dtype {t.dtype} cannot travel: expected one of {sorted(WIRE_DTYPES)}")
+    t = t.detach().contiguous().cpu()
+    # A uint8 view serialises every dtype alike, bfloat16 included (numpy has no bfloat16).
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return expert_pb2.Tensor(dtype=name, shape=list(t.shape), data=data)
+
+
+def from_wire(msg: expert_pb2.Tensor, what: str, dtype: torch.dtype | None = None, ndim: int | None = None
+              ) -> torch.Tensor:
+    """The tensor `msg` describes, after checking its dtype (if given), rank and byte count.
+
+    The result shares memory with the message and is read-only in spirit: do not write to it.
+    """
+    dt = WIRE_DTYPES.get(msg.dtype)
+    if dt is None:
+        raise WireError(f"{what}: unknown dtype {msg.dtype!r}, expected one of {sorted(WIRE_DTYPES)}")
+    if dtype is not None and dt != dtype:
+        raise WireError(f"{what}: dtype {msg.dtype} where {WIRE_NAMES[dtype]} is expected")
+    shape = tuple(msg.shape)
+    if ndim is not None and len(shape) != ndim:
+        raise WireError(f"{what}: shape {list(shape)} has {len(shape)} dimensions, expected {ndim}")
+    if any(n < 0 for n in shape):
+        raise WireError(f"{what}: shape {list(shape)} has a negative dimension")
+    numel = 1
+    for n in shape:
+        numel *= n
+    expected = numel * dt.itemsize
+    if len(msg.data) != expected:
+        raise WireError(f"{what}: {len(msg.data)} bytes of data, but {msg.dtype} {list(shape)} needs "
+                        f"{expected}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dt)
+    with warnings.catch_warnings():
+        # protobuf bytes are immutable; torch warns about that, and nothing here writes to them.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(msg.data, dtype=dt).view(shape)

@@ -1,0 +1,204 @@
+"""The gRPC dispatch backend: per layer, scatter tokens to the replicas owning their experts, gather sums.
+
+One message per replica touched per layer, all in flight at once, each with a deadline. A replica that
+is unreachable or too slow is dropped from this router's view, reported to the directory, and its
+tokens go to another replica of the same shard: a dying replica costs latency, not a request.
+"""
+
+import logging
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import torch
+
+from experts.wire import from_wire, grpc_options, to_wire
+from protos import expert_pb2, expert_pb2_grpc
+from router.dispatch import ExpertBackend
+
+log = logging.getLogger(__name__)
+
+RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+class ExpertDispatchError(RuntimeError):
+    """A replica refused a request (not a transport failure), or a shard has no live replica left."""
+
+
+class ReplicaSource(Protocol):
+    """Where the router learns replica addresses (the cluster's directory) and reports dead ones."""
+
+    def replicas(self) -> list[dict]:
+        """Entries with at least shard, num_shards, replica_id, address, pairs [[layer, expert], ...]."""
+
+    def report_dead(self, address: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Replica:
+    replica_id: str
+    address: str
+    rank_seed: int  # for rendezvous hashing: a layer goes to the live replica ranking highest
+
+
+def owner_table(entries: list[dict], n_layers: int, n_experts: int) -> torch.Tensor:
+    """(n_layers, n_experts) long: the shard holding each (layer, expert), checked to cover the model."""
+    owner = torch.full((n_layers, n_experts), -1, dtype=torch.long)
+    for e in entries:
+        for l, x in e["pairs"]:
+            if not (0 <= l < n_layers and 0 <= x < n_experts):
+                raise ExpertDispatchError(f"shard {e['shard']} claims ({l}, {x}), outside this model's "
+                                          f"{n_layers} layers x {n_experts} experts")
+            if owner[l, x] not in (-1, e["shard"]):
+                raise ExpertDispatchError(f"({l}, {x}) is claimed by shards {int(owner[l, x])} and "
+                                          f"{e['shard']}")
+            owner[l, x] = e["shard"]
+    missing = (owner < 0).nonzero().tolist()
+    if missing:
+        raise ExpertDispatchError(f"no replica holds (layer, expert) {missing[:4]}: the plan does not cover "
+                                  "this model")
+    return owner
+
+
+class GrpcExperts(ExpertBackend):
+    def __init__(self, source: ReplicaSource, n_layers: int, n_experts: int, *, timeout_s: float = 10.0,
+                 refresh_s: float = 2.0, wait_s: float = 120.0, max_message_bytes: int | None = None):
+        """timeout_s: deadline of each call; refresh_s: how often the view is re-read from the source;
+        wait_s: how long a call waits for a shard whose replicas all failed to get a new one."""
+        self.source, self.timeout_s, self.wait_s = source, timeout_s, wait_s
+        entries = source.replicas()
+        if not entries:
+            raise ExpertDispatchError("the replica source lists no expert replicas")
+        self.owner = owner_table(entries, n_layers, n_experts)
+        self.num_shards = int(self.owner.max()) + 1
+        self.max_message_bytes = max_message_bytes or min(e["max_message_bytes"] for e in entries)
+        self._lock = threading.Lock()
+        self._channels: dict[str, tuple[grpc.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
+        self.view = self._view(entries)
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh_loop, args=(refresh_s,), name="expert-view",
+                                           daemon=True)
+        self._refresher.start()
+
+    # --- the view of live replicas --------------------------------------------------------------
+
+    @staticmethod
+    def _view(entries: list[dict]) -> dict[int, list[Replica]]:
+        view: dict[int, list[Replica]] = {}
+        for e in entries:
+            view.setdefault(e["shard"], []).append(
+                Replica(e["replica_id"], e["address"], zlib.crc32(e["replica_id"].encode())))
+        return view
+
+    def refresh(self) -> None:
+        self.view = self._view(self.source.replicas())
+
+    def _refresh_loop(self, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            try:
+                self.refresh()
+            except Exception as e:  # the directory may be briefly unreachable; the old view still works
+                log.warning("could not refresh the expert replica view: %r", e)
+
+    def _drop(self, rep: Replica, shard: int, why: str) -> None:
+        log.warning("expert replica %s (shard %d) dropped: %s", rep.address, shard, why)
+        view = dict(self.view)
+        view[shard] = [r for r in view.get(shard, []) if r != rep]
+        self.view = view
+        with self._lock:
+            chan = self._channels.pop(rep.address, None)
+        if chan is not None:
+            chan[0].close()
+        try:
+            self.source.report_dead(rep.address)
+        except Exception as e:  # the retry matters more than the report
+            log.warning("could not report %s dead: %r", rep.address, e)
+
+    def _stub(self, address: str) -> expert_pb2_grpc.ExpertServiceStub:
+        with self._lock:
+            chan = self._channels.get(address)
+            if chan is None:
+                channel = grpc.insecure_channel(address, options=grpc_options(self.max_message_bytes))
+                chan = self._channels[address] = (channel, expert_pb2_grpc.ExpertServiceStub(channel))
+        return chan[1]
+
+    def _pick(self, shard: int, layer: int, tried: set[str]) -> Replica:
+        """The live replica of `shard` ranking highest for `layer`; waits for one if none is left."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            live = [r for r in self.view.get(shard, []) if r.replica_id not in tried]
+            if live:
+                return max(live, key=lambda r: zlib.crc32(layer.to_bytes(4, "little"), r.rank_seed))
+            if time.monotonic() > deadline:
+                raise ExpertDispatchError(f"shard {shard}: no live replica after waiting {self.wait_s:.0f}s")
+            time.sleep(0.1)
+            try:
+                self.refresh()
+            except Exception as e:
+                log.warning("could not refresh the expert replica view: %r", e)
+
+    # --- scatter / gather -------------------------------------------------------------------------
+
+    def requests(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+                 ) -> list[tuple[int, torch.Tensor, expert_pb2.ForwardRequest]]:
+        """(shard, rows, request) per message: the tokens of x bound for each shard touched."""
+        shard_of = self.owner[layer][expert_ids]  # (T, k)
+        row_bytes = x.shape[1] * x.element_size() + expert_ids.shape[1] * 8
+        max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
+        out = []
+        for s in shard_of.unique().tolist():
+            here = shard_of == s  # (T, k)
+            rows = here.any(dim=1).nonzero().flatten()  # (N,)
+            ids = torch.where(here, expert_ids, -1)[rows].to(torch.int32)  # (N, k)
+            w = weights[rows].float()  # (N, k)
+            for i in range(0, len(rows), max_rows):
+                sl = slice(i, i + max_rows)
+                out.append((s, rows[sl], expert_pb2.ForwardRequest(layer=layer, hidden=to_wire(x[rows[sl]]),
+                                                                   expert_ids=to_wire(ids[sl]),
+                                                                   weights=to_wire(w[sl]))))
+        return out
+
+    def gather(self, layer: int, messages: list[tuple[int, expert_pb2.ForwardRequest]]
+               ) -> list[expert_pb2.ForwardResponse]:
+        """Send every (shard, request) at once; retry transport failures on other replicas of the shard."""
+        results: list[expert_pb2.ForwardResponse | None] = [None] * len(messages)
+        tried: list[set[str]] = [set() for _ in messages]
+        pending = list(range(len(messages)))
+        while pending:
+            inflight = []
+            for i in pending:
+                shard, req = messages[i]
+                rep = self._pick(shard, layer, tried[i])
+                inflight.append((i, rep, self._stub(rep.address).Forward.future(req, timeout=self.timeout_s)))
+            pending = []
+            for i, rep, fut in inflight:
+                try:
+                    results[i] = fut.result()
+                except grpc.RpcError as e:
+                    shard = messages[i][0]
+                    if e.code() not in RETRIABLE:
+                        raise ExpertDispatchError(f"shard {shard} replica {rep.address} refused layer "
+                                                  f"{layer}: {e.code().name}: {e.details()}") from None
+                    tried[i].add(rep.replica_id)
+                    self._drop(rep, shard, f"{e.code().name}: {e.details()}")
+                    pending.append(i)
+        return results
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+        msgs = self.requests(layer, x, expert_ids, weights)
+        replies = self.gather(layer, [(s, req) for s, _, req in msgs])
+        out = torch.zeros_like(x)  # (T, dim)
+        for (_, rows, _), reply in zip(msgs, replies, strict=True):
+            out.index_add_(0, rows, from_wire(reply.output, "output", x.dtype, ndim=2))
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel, _ in channels:
+            channel.close()
