@@ -22,7 +22,7 @@ class PlacementPlan:
         """Shard s holds expert e of every layer for each e = s mod num_shards (default: one expert each)."""
         num_shards = n_experts if num_shards is None else num_shards
         if not 1 <= num_shards <= n_experts:
-            raise ValueError(f"num_shards must be in [1, {n_experts}] (the experts per layer), got {num_shards}")
+            raise ValueError(f"num_shards must be in [1, {n_experts}] (experts per layer), got {num_shards}")
         return cls.from_sets([[(l, e) for l in range(n_layers) for e in range(s, n_experts, num_shards)]
                               for s in range(num_shards)], replicas_per_shard)
 
