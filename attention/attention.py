@@ -38,14 +38,24 @@ class Attention(nn.Module):
                                                enable_gqa=True)  # (n, H, 1, D)
             out[:n] = o[:, :, 0]
 
+        W = k_cache.shape[1]
         for c in meta.prefills:
             sl = slice(c.start, c.start + c.length)
-            keys = torch.cat((k_cache[c.row, : c.n_cached], k[sl])).transpose(0, 1)  # (KVH, nk, D)
-            values = torch.cat((v_cache[c.row, : c.n_cached], v[sl])).transpose(0, 1)
-            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), keys, values, attn_mask=c.mask,
-                                               enable_gqa=True)  # (H, c, D)
-            out[sl] = o.transpose(0, 1)
-            W = k_cache.shape[1]
+            qc, kc, vc = q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)  # (H|KVH, c, D)
+            # Queries in blocks of W: block [qs, qe) sees only the chunk's keys [qs - W + 1, qe), and the
+            # cached keys only in the first block, so the work is c * 2W rather than c^2.
+            for qs in range(0, c.length, W):
+                qe, ks = min(qs + W, c.length), max(0, qs - W + 1)
+                keys, values = kc[:, ks:qe], vc[:, ks:qe]
+                mask = c.mask[qs:qe, c.n_cached + ks : c.n_cached + qe]
+                if qs == 0 and c.n_cached:
+                    keys = torch.cat((k_cache[c.row, : c.n_cached].transpose(0, 1), keys), dim=1)
+                    values = torch.cat((v_cache[c.row, : c.n_cached].transpose(0, 1), values), dim=1)
+                    mask = torch.cat((c.mask[qs:qe, : c.n_cached], mask), dim=1)
+                o = F.scaled_dot_product_attention(qc[:, qs:qe], keys, values, attn_mask=mask,
+                                                   enable_gqa=True)  # (H, qe - qs, D)
+                out[c.start + qs : c.start + qe] = o.transpose(0, 1)
+            # Only the last W tokens are written: earlier ones would be evicted within the chunk.
             m = min(c.length, W)
             slots = torch.arange(c.pos0 + c.length - m, c.pos0 + c.length) % W
             k_cache[c.row, slots] = k[sl][-m:]

@@ -13,7 +13,7 @@ class ExpertBackend(ABC):
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, dim), expert_ids (T, k), weights (T, k) float32 -> (T, dim): sum_k weights * expert(x)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (most backends start nothing)
         """Release whatever the backend started."""
 
 

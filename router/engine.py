@@ -81,8 +81,9 @@ class Engine:
                         max_num_seqs, row_bytes >> 20)
         self.max_num_seqs = max_num_seqs
         self.cache = RollingKVCache(a.n_layers, max_num_seqs, window, a.n_kv_heads, a.head_dim, dtype)
-        self.chunk_size = chunk_size or window
-        self.max_num_batched_tokens = max(max_num_batched_tokens, self.chunk_size)
+        # As in vLLM, a prompt chunk is bounded by the step's token budget unless asked otherwise.
+        self.max_num_batched_tokens = max(max_num_batched_tokens, chunk_size or 0)
+        self.chunk_size = chunk_size or self.max_num_batched_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -160,7 +161,8 @@ class Engine:
         meta = self.cache.plan([s.row for s in decode], [s.num_computed for s in decode],
                                [(s.row, s.num_computed, n) for s, n in prefill])
         trace: list = []
-        logits = self.model(torch.tensor(tokens), meta, self.cache, self.experts, torch.tensor(logit_rows), trace)
+        rows = torch.tensor(logit_rows, dtype=torch.long)
+        logits = self.model(torch.tensor(tokens), meta, self.cache, self.experts, rows, trace)
         self.expert_tokens += torch.stack([torch.bincount(ids.flatten(), minlength=self.args.n_experts)
                                            for ids, _ in trace])
         logprobs = torch.log_softmax(logits, dim=-1)  # (rows, V)

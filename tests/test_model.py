@@ -110,7 +110,10 @@ def test_sampling_is_seeded_and_respects_top_k_and_stops(tmp_path):
     build_checkpoint(tmp_path, seed=7)
     llm = LLM(tmp_path)
     prompt = [{"prompt_token_ids": [5, 6, 7]}]
-    run = lambda **kw: llm.generate(prompt, SamplingParams(max_tokens=20, ignore_eos=True, **kw))[0].outputs[0]
+
+    def run(**kw):
+        return llm.generate(prompt, SamplingParams(max_tokens=20, ignore_eos=True, **kw))[0].outputs[0]
+
     a, b, c = run(seed=1), run(seed=1), run(seed=2)
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
     assert run(top_k=1, seed=3).token_ids == run(temperature=0.0).token_ids
