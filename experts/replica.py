@@ -13,12 +13,13 @@ from typing import Protocol
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from ray import serve
 
 from experts.checkpoint import DTYPES, Checkpoint
 from experts.ffn import ExpertSet
 from experts.wire import WIRE_NAMES, WireError, from_wire, grpc_options, to_wire
-from protos import expert_pb2, expert_pb2_grpc
+from protos import expert_pb2
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +34,46 @@ class Registry(Protocol):
     def deregister(self, app: str, replica_id: str) -> None: ...
 
 
-class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    """Validates every request against what this replica holds, then runs the experts."""
+SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+
+
+class ExpertServicer:
+    """ExpertService: validates every request against what this replica holds, then runs the experts.
+
+    Requests arrive as raw bytes, so the size limit is checked before parsing and bytes that are
+    not a message get INVALID_ARGUMENT too.
+    """
 
     def __init__(self, experts: ExpertSet, dim: int, n_experts: int, dtype: torch.dtype,
-                 max_message_bytes: int, info: expert_pb2.InfoResponse):
+                 max_message_bytes: int, info: expert_pb2.InfoResponse, device: torch.device):
         self.experts, self.dim, self.n_experts, self.dtype = experts, dim, n_experts, dtype
-        self.max_message_bytes = max_message_bytes
-        self.info = info
+        self.max_message_bytes, self.info, self.device = max_message_bytes, info, device
         self.held: dict[int, torch.Tensor] = {}  # layer -> (n_experts,) bool: which experts are here
         for layer, e in experts.weights:
             self.held.setdefault(layer, torch.zeros(n_experts, dtype=torch.bool))[e] = True
 
-    def parse(self, req: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        size = req.ByteSize()
-        if size > self.max_message_bytes:
-            raise WireError(f"message of {size} bytes exceeds this replica's limit of "
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        handlers = {
+            "Forward": grpc.unary_unary_rpc_method_handler(
+                self.Forward, response_serializer=expert_pb2.ForwardResponse.SerializeToString),
+            "Info": grpc.unary_unary_rpc_method_handler(
+                self.Info, request_deserializer=expert_pb2.InfoRequest.FromString,
+                response_serializer=expert_pb2.InfoResponse.SerializeToString),
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                self.Echo, response_serializer=expert_pb2.EchoResponse.SerializeToString),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    def decode(self, raw: bytes, cls):
+        if len(raw) > self.max_message_bytes:
+            raise WireError(f"message of {len(raw)} bytes exceeds this replica's limit of "
                             f"{self.max_message_bytes}")
+        try:
+            return cls.FromString(raw)
+        except DecodeError as e:
+            raise WireError(f"not a {cls.DESCRIPTOR.name} message: {e}") from None
+
+    def parse(self, req: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         held = self.held.get(req.layer)
         if held is None:
             raise WireError(f"layer {req.layer} is not held by shard {self.info.shard} "
@@ -75,25 +99,30 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                             f"{self.info.shard} (it holds {held.nonzero().flatten().tolist()} there)")
         return x, ids, w
 
-    async def Forward(self, request, context):
+    async def Forward(self, raw: bytes, context):
         try:
-            x, ids, w = self.parse(request)
+            req = self.decode(raw, expert_pb2.ForwardRequest)
+            x, ids, w = self.parse(req)
         except WireError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         t = time.perf_counter_ns()
-        out = self.experts.forward(request.layer, x, ids, w)  # (N, dim)
+        d = self.device
+        out = self.experts.forward(req.layer, x.to(d), ids.to(d), w.to(d)).cpu()  # (N, dim)
         return expert_pb2.ForwardResponse(output=to_wire(out), compute_ns=time.perf_counter_ns() - t)
 
     async def Info(self, request, context):
         return self.info
 
-    async def Echo(self, request, context):
-        if not 0 <= request.reply_bytes <= self.max_message_bytes:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reply_bytes must be in "
-                                f"[0, {self.max_message_bytes}], got {request.reply_bytes}")
-        payload = request.payload
-        if request.reply_bytes != len(payload):
-            payload = payload[: request.reply_bytes].ljust(request.reply_bytes, b"\0")
+    async def Echo(self, raw: bytes, context):
+        try:
+            req = self.decode(raw, expert_pb2.EchoRequest)
+            if not 0 <= req.reply_bytes <= self.max_message_bytes:
+                raise WireError(f"reply_bytes {req.reply_bytes} is outside [0, {self.max_message_bytes}]")
+        except WireError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        payload = req.payload
+        if req.reply_bytes != len(payload):
+            payload = payload[: req.reply_bytes].ljust(req.reply_bytes, b"\0")
         return expert_pb2.EchoResponse(payload=payload)
 
 
@@ -111,7 +140,7 @@ class GrpcServer:
     @staticmethod
     async def _start(servicer: ExpertServicer, host: str, max_message_bytes: int):
         server = grpc.aio.server(options=grpc_options(max_message_bytes))
-        expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+        servicer.add_to_server(server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         return server, port
@@ -139,11 +168,14 @@ class ExpertShard:
         a = ckpt.args
         pairs = [(int(l), int(e)) for l, e in pairs]
         experts = ExpertSet.load(ckpt, pairs, DTYPES[dtype])
+        # A replica given a GPU keeps its weights there; the wire stays host memory.
+        device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        experts.weights = {k: tuple(t.to(device) for t in ws) for k, ws in experts.weights.items()}
         info = expert_pb2.InfoResponse(
             app=self.app, shard=shard, replica_id=self.replica_id,
             pairs=[expert_pb2.Pair(layer=l, expert=e) for l, e in pairs], bytes_loaded=ckpt.bytes_loaded,
             max_message_bytes=max_message_bytes, dtype=WIRE_NAMES[DTYPES[dtype]], dim=a.dim)
-        servicer = ExpertServicer(experts, a.dim, a.n_experts, DTYPES[dtype], max_message_bytes, info)
+        servicer = ExpertServicer(experts, a.dim, a.n_experts, DTYPES[dtype], max_message_bytes, info, device)
         self.server = GrpcServer(servicer, ray.util.get_node_ip_address(), max_message_bytes)
         self.entry = dict(app=self.app, shard=shard, num_shards=num_shards, replica_id=self.replica_id,
                           address=self.server.address, actor_name=ray.get_runtime_context().get_actor_name(),

@@ -125,7 +125,7 @@ class GrpcExperts(ExpertBackend):
                 chan = self._channels[address] = (channel, expert_pb2_grpc.ExpertServiceStub(channel))
         return chan[1]
 
-    def _pick(self, shard: int, layer: int, tried: set[str]) -> Replica:
+    def pick(self, shard: int, layer: int, tried: set[str] | frozenset = frozenset()) -> Replica:
         """The live replica of `shard` ranking highest for `layer`; waits for one if none is left."""
         deadline = time.monotonic() + self.wait_s
         while True:
@@ -171,7 +171,7 @@ class GrpcExperts(ExpertBackend):
             inflight = []
             for i in pending:
                 shard, req = messages[i]
-                rep = self._pick(shard, layer, tried[i])
+                rep = self.pick(shard, layer, tried[i])
                 inflight.append((i, rep, self._stub(rep.address).Forward.future(req, timeout=self.timeout_s)))
             pending = []
             for i, rep, fut in inflight:

@@ -1,0 +1,254 @@
+"""The distributed expert plane on a real local Ray: ExpertShard replicas on Serve, gRPC, failover."""
+
+import time
+
+import grpc
+import msgpack
+import pytest
+import ray
+import torch
+from hf_reference import build_checkpoint, hf_greedy, hf_logprobs
+
+from cluster.directory import DirectoryClient, get_directory
+from cluster.experts_app import connect_experts
+from cluster.placement import PlacementPlan
+from experts.checkpoint import Checkpoint
+from experts.ffn import ExpertSet
+from experts.wire import WireError, from_wire, to_wire
+from protos import expert_pb2
+from router import LLM, SamplingParams
+from router.dispatch import ExpertBackend, LocalExperts
+
+PROMPTS = [[1, 5, 9, 33, 2, 7, 100, 4, 18, 3, *range(60, 71)], [3, 4], [90, 91, 92, 93]]
+MAX_MESSAGE = 1 << 20
+SERVICE = "/raymoe.experts.ExpertService/"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "ckpt"
+    return path, build_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def llms(ray_session, ckpt):
+    """One expert plane for the module: 2 shards (experts 0, 2 and 1, 3 of every layer), 2 replicas each."""
+    path, _ = ckpt
+    local = LLM(path, expert_backend="local")
+    distributed = LLM(path, expert_backend="ray", num_shards=2, replicas_per_shard=2, num_cpus=0.1,
+                      max_message_bytes=MAX_MESSAGE)
+    yield local, distributed
+    distributed.shutdown()
+    assert distributed.experts.app_name not in DirectoryClient().app_names()
+
+
+def entries(llm: LLM) -> list[dict]:
+    return DirectoryClient(llm.experts.app_name).replicas()
+
+
+def rpc(address: str, method: str, response_cls):
+    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+    return channel.unary_unary(SERVICE + method, request_serializer=lambda b: b,
+                               response_deserializer=response_cls.FromString)
+
+
+# --- pieces that need no cluster ---------------------------------------------------------------------
+
+
+def test_placement_plans():
+    plan = PlacementPlan.expert_parallel(2, 4).validate(2, 4)
+    assert [s.pairs for s in plan.shards] == [((0, e), (1, e)) for e in range(4)]
+    plan = PlacementPlan.expert_parallel(2, 4, num_shards=3, replicas_per_shard=2).validate(2, 4)
+    assert [s.pairs for s in plan.shards] == [((0, 0), (0, 3), (1, 0), (1, 3)), ((0, 1), (1, 1)),
+                                              ((0, 2), (1, 2))]
+    assert {s.replicas for s in plan.shards} == {2}
+    rest = [(l, e) for l in range(2) for e in range(4) if (l, e) != (0, 0)]
+    hot = PlacementPlan.from_sets([[(0, 0)], rest], [3, 1])
+    assert hot.validate(2, 4).shards[0].replicas == 3
+    with pytest.raises(ValueError, match="num_shards must be in"):
+        PlacementPlan.expert_parallel(2, 4, num_shards=5)
+    with pytest.raises(ValueError, match=r"no shard holds \[\(1, 3\)\]"):
+        PlacementPlan.from_sets([[(l, e) for l in range(2) for e in range(4)][:-1]]).validate(2, 4)
+    with pytest.raises(ValueError, match=r"\(0, 0\) is in shard 0 and shard 1"):
+        PlacementPlan.from_sets([[(0, 0)], [(0, 0)]]).validate(1, 1)
+    with pytest.raises(ValueError, match="outside"):
+        PlacementPlan.from_sets([[(0, 0), (0, 7)]]).validate(1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32])
+def test_wire_round_trip(dtype):
+    t = (torch.randn(5, 3) * 100).to(dtype)
+    msg = expert_pb2.Tensor.FromString(to_wire(t).SerializeToString())
+    assert torch.equal(from_wire(msg, "t", dtype, ndim=2), t)
+    with pytest.raises(WireError, match="2 dimensions, expected 3"):
+        from_wire(msg, "t", ndim=3)
+    with pytest.raises(WireError, match="float64"):
+        to_wire(t.double())
+
+
+def test_bad_backend_options_fail_before_deploying(ckpt):
+    with pytest.raises(ValueError, match="num_shards must be in"):
+        LLM(ckpt[0], expert_backend="ray", num_shards=5)
+
+
+# --- on the cluster --------------------------------------------------------------------------------
+
+
+def test_logprobs_match_local_and_hf(llms, ckpt):
+    local, distributed = llms
+    ours = distributed.logprobs(PROMPTS, chunk_size=8)
+    for ids, r, l in zip(PROMPTS, ours, local.logprobs(PROMPTS, chunk_size=8), strict=True):
+        assert (r - l).abs().max() < 1e-5
+        assert (r - hf_logprobs(ckpt[1], ids)).abs().max() < 1e-4
+
+
+def test_greedy_decode_matches_local_and_hf(llms, ckpt):
+    local, distributed = llms
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)  # far past the window of 16
+    ours = [o.outputs[0].token_ids for o in distributed.generate(PROMPTS, params)]
+    assert ours == [o.outputs[0].token_ids for o in local.generate(PROMPTS, params)]
+    assert ours == [hf_greedy(ckpt[1], ids, 40) for ids in PROMPTS]
+
+
+def test_replicas_hold_only_their_share(llms, ckpt):
+    _, distributed = llms
+    a = Checkpoint(ckpt[0]).args
+    expert_bytes = 3 * a.hidden_dim * a.dim * 4
+    found = entries(distributed)
+    assert sorted(e["shard"] for e in found) == [0, 0, 1, 1]
+    for e in found:
+        info = rpc(e["address"], "Info", expert_pb2.InfoResponse)(b"")
+        share = [(l, x) for l in range(a.n_layers) for x in range(a.n_experts) if x % 2 == info.shard]
+        assert sorted((p.layer, p.expert) for p in info.pairs) == share
+        assert info.bytes_loaded == len(share) * expert_bytes  # half of all expert weights, nothing else
+        assert info.bytes_loaded < a.n_layers * a.n_experts * expert_bytes
+
+
+def test_malformed_requests_get_invalid_argument(llms, ckpt):
+    _, distributed = llms
+    entry = next(e for e in entries(distributed) if e["shard"] == 0)  # experts 0 and 2 of every layer
+    forward = rpc(entry["address"], "Forward", expert_pb2.ForwardResponse)
+    x = torch.randn(3, 64)
+    ids = torch.tensor([[0, -1], [2, 0], [-1, 2]], dtype=torch.int32)
+    w = torch.rand(3, 2)
+    expected = ExpertSet.load(Checkpoint(ckpt[0]), [(1, 0), (1, 2)], torch.float32).forward(1, x, ids, w)
+
+    def request(**changes) -> bytes:
+        fields = dict(layer=1, hidden=to_wire(x), expert_ids=to_wire(ids), weights=to_wire(w)) | changes
+        return expert_pb2.ForwardRequest(**fields).SerializeToString()
+
+    def check_still_serving():
+        out = from_wire(forward(request()).output, "output", torch.float32, ndim=2)
+        assert torch.allclose(out, expected, atol=1e-6)
+
+    check_still_serving()
+    short = to_wire(x)
+    short.data = short.data[:-4]
+    bad = {
+        "dtype float16 where float32": request(hidden=to_wire(x.half())),
+        "unknown dtype 'complex64'": request(hidden=expert_pb2.Tensor(dtype="complex64", shape=[3, 64])),
+        "hidden size is 64": request(hidden=to_wire(torch.randn(3, 63))),
+        "3 dimensions, expected 2": request(hidden=to_wire(x[None])),
+        "bytes of data": request(hidden=short),
+        "layer 7 is not held": request(layer=7),
+        "expert 1 of layer 1 is not held by shard 0": request(
+            expert_ids=to_wire(ids.masked_fill(ids == 2, 1))),
+        "17 is not an expert id": request(expert_ids=to_wire(ids.masked_fill(ids == 2, 17))),
+        "dtype float32 where int32": request(expert_ids=to_wire(ids.float())),
+        "differs from expert_ids": request(weights=to_wire(w[:, :1])),
+        "1 <= k <= 4": request(expert_ids=to_wire(ids[:, :0]), weights=to_wire(w[:, :0])),
+        "exceeds this replica's limit": request(hidden=to_wire(torch.randn(MAX_MESSAGE // 256 + 1, 64))),
+        "not a ForwardRequest": b"\xff\xff\xff\xff",
+    }
+    for message, raw in bad.items():
+        with pytest.raises(grpc.RpcError) as err:
+            forward(raw, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
+        assert message in err.value.details()
+        check_still_serving()
+    echo = rpc(entry["address"], "Echo", expert_pb2.EchoResponse)
+    with pytest.raises(grpc.RpcError) as err:
+        echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=-1).SerializeToString())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    check_still_serving()
+
+
+def test_connect_experts_by_app_name(llms, ckpt):
+    """What a Router replica does: find the plane in the directory and dispatch to it."""
+    _, distributed = llms
+    c = Checkpoint(ckpt[0])
+    backend = connect_experts(c, torch.float32, distributed.experts.app_name)
+    x, logits = torch.randn(9, 64), torch.randn(9, 4)
+    weights, ids = torch.softmax(logits.topk(2).values, -1), logits.topk(2).indices
+    try:
+        for layer in range(2):
+            want = LocalExperts(c, torch.float32).forward(layer, x, ids, weights)
+            assert (backend.forward(layer, x, ids, weights) - want).abs().max() < 1e-5
+    finally:
+        backend.close()
+    with pytest.raises(ValueError, match="serves \\['float32'\\] experts, this router runs bfloat16"):
+        connect_experts(c, torch.bfloat16, distributed.experts.app_name)
+
+
+def test_directory_keeps_apps_apart(ray_session):
+    a, b = DirectoryClient("test-app-a"), DirectoryClient("test-app-b")
+    entry = dict(shard=0, num_shards=1, replica_id="r1", address="127.0.0.1:1", pairs=[[0, 0]])
+    try:
+        a.register(entry | {"app": "test-app-a"})
+        b.register(entry | {"app": "test-app-b", "address": "127.0.0.1:2"})
+        assert [e["address"] for e in a.replicas()] == ["127.0.0.1:1"]
+        b.report_dead("127.0.0.1:1")  # another app's address: a's entry stays
+        assert [e["address"] for e in a.replicas()] == ["127.0.0.1:1"]
+        snap = msgpack.unpackb(ray.get(get_directory().snapshot.remote("test-app-b")))
+        assert [e["address"] for e in snap["replicas"]] == ["127.0.0.1:2"]
+        with pytest.raises(ValueError, match="pass app_name"):
+            connect_experts(None, torch.float32)  # several planes: which one is ambiguous
+    finally:
+        a.remove_app()
+        b.remove_app()
+
+
+class KillReplicaAt(ExpertBackend):
+    """Passes calls on; at call number `at` kills the replica serving shard 0 and waits until it is gone."""
+
+    def __init__(self, inner: ExpertBackend, grpc_backend, app: str, at: int):
+        self.inner, self.grpc_backend, self.app, self.at, self.calls = inner, grpc_backend, app, at, 0
+        self.killed: dict | None = None
+
+    def forward(self, layer, x, expert_ids, weights):
+        self.calls += 1
+        if self.calls == self.at:
+            rep = self.grpc_backend.pick(0, layer)
+            self.killed = next(e for e in DirectoryClient(self.app).replicas()
+                               if e["replica_id"] == rep.replica_id)
+            ray.kill(ray.get_actor(self.killed["actor_name"], namespace="serve"), no_restart=True)
+            info = rpc(rep.address, "Info", expert_pb2.InfoResponse)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    info(b"", timeout=1)
+                    time.sleep(0.05)
+                except grpc.RpcError:
+                    break
+        return self.inner.forward(layer, x, expert_ids, weights)
+
+
+def test_killing_a_replica_mid_generate_loses_nothing(llms):
+    local, distributed = llms
+    prompts = [[i + 1, 2 * i + 3, 7] for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in local.generate(prompts, params)]
+    backend = distributed.experts.backend
+    engine = distributed.engine
+    killer = KillReplicaAt(engine.experts, backend, distributed.experts.app_name, at=2 * 10)  # 10th step
+    engine.experts = killer
+    try:
+        outs = distributed.generate(prompts, params)
+    finally:
+        engine.experts = distributed.experts
+    assert killer.killed is not None and killer.calls > killer.at
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] * len(prompts)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    live = {r.address for reps in backend.view.values() for r in reps}
+    assert killer.killed["address"] not in live
+    assert killer.killed["address"] not in {e["address"] for e in entries(distributed)}
