@@ -1,10 +1,23 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_http_port() -> int:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().http_config.port
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +29,13 @@ def ray_session():
     import ray
 
     ray.init(num_cpus=8, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
-             configure_logging=False, log_to_driver=False, ignore_reinit_error=True)
-    yield ray
+             configure_logging=False, log_to_driver=False, ignore_reinit_error=True,
+             _system_config={"metrics_report_interval_ms": 1000})  # metrics tests need not wait 10 s
     from ray import serve
 
+    # Serve starts here, with its HTTP proxy on a free port, so whichever test deploys first cannot
+    # start it without one (Serve's options are fixed for its life); get the port from serve_http_port().
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    yield ray
     serve.shutdown()
     ray.shutdown()

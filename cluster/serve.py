@@ -1,0 +1,102 @@
+"""`raymoe serve`: start or join Ray, deploy the router and experts from one Serve config, serve until Ctrl-C."""
+
+import argparse
+import logging
+import os
+import signal
+import threading
+
+from cluster.serve_config import add_app_arguments, serve_config
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_app_arguments(p)
+    p.add_argument("--api-key", default=os.environ.get("RAYMOE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $RAYMOE_API_KEY; none: open)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join this Ray cluster ('auto': the local one) instead of starting one (default: "
+                        "$RAY_ADDRESS)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of a Ray started here (default: enough for router and experts)")
+
+
+def deploy(cfg: dict, api_key: str | None = None) -> list[str]:
+    """Run every application of a Serve config on the connected cluster, as `serve deploy` would."""
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray._common.utils import import_attr
+
+    names = []
+    for app in cfg["applications"]:
+        args = dict(app.get("args", {}))
+        if api_key:
+            args["api_key"] = api_key
+        built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), args)
+        serve.run(built, name=app["name"], route_prefix=app.get("route_prefix", "/"))
+        names.append(app["name"])
+    return names
+
+
+def http_port() -> int:
+    """The port Serve's proxies actually listen on (a running Serve keeps its own)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().http_config.port
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    cfg = serve_config(args)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if args.address:
+            ray.init(address=args.address)
+        else:
+            # Logical CPUs are scheduling slots: the router and every expert replica need one each.
+            ray.init(num_cpus=args.num_cpus or max(os.cpu_count() or 1, 16),
+                     object_store_memory=200 * 1024 * 1024, include_dashboard=False)
+    started_serve = _get_global_client(raise_if_no_controller_running=False) is None
+    names: list[str] = []
+    try:
+        serve.start(http_options=cfg["http_options"], proxy_location=cfg["proxy_location"])
+        port = http_port()
+        if port != args.port:
+            log.warning("Serve already runs on this cluster with its HTTP port %d; using it", port)
+        names = deploy(cfg, args.api_key)
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        url = f"http://{host}:{port}/v1"
+        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        model = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+        print(f"\nraymoe serves {model} at {url} (OpenAI API; experts: {args.expert_backend}). Try:\n\n"
+              f"  curl {url}/completions -H 'Content-Type: application/json'{auth} \\\n"
+              f"    -d '{{\"model\": \"{model}\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32, "
+              f"\"temperature\": 0}}'\n\nCtrl-C stops it and removes everything it started.", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("\nshutting down", flush=True)
+        teardown(names, started_serve, started_ray)
+    return 0
+
+
+def teardown(names: list[str], started_serve: bool, started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    from cluster.directory import DirectoryClient
+
+    for name in names:
+        serve.delete(name)
+        DirectoryClient(name).remove_app()
+    if started_serve:
+        serve.shutdown()
+    if started_ray:
+        ray.shutdown()

@@ -1,0 +1,446 @@
+"""The OpenAI-compatible HTTP API (as vLLM serves it) over one continuous-batching engine, on Ray Serve.
+
+`OpenAIServer` does the work and knows nothing of Serve; `build_fastapi` maps HTTP onto it; the
+`Router` deployment owns one of each per replica.
+"""
+
+import hmac
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from experts.checkpoint import DTYPES, Checkpoint
+from router.async_engine import AsyncEngine, RequestStream, Submission, Update
+from router.chat_template import ChatTemplate, ChatTemplateError
+from router.dispatch import ExpertBackend, LocalExperts
+from router.engine import Engine
+from router.metrics import RouterMetrics
+from router.model import RouterModel
+from router.openai_protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    Usage,
+    error_body,
+    format_validation_errors,
+    now,
+    request_id,
+)
+from router.sampling import SamplingParams
+from router.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def sse(payload) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class EngineOptions:
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class _Choice:
+    """One prompt's output as it accumulates over updates."""
+
+    prompt_ids: list[int]
+    prompt_text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of text already streamed
+    echoed: bool = False  # the prompt has been streamed back
+    offset: int = 0  # text_offset of the next log-prob entry
+    lp_sent: int = 0  # generated tokens whose log-probs have been streamed
+    finish_reason: str | None = None
+    prompt_logprobs: list | None = None
+
+    def apply(self, u: Update) -> None:
+        self.token_ids += u.token_ids
+        self.logprobs += u.logprobs
+        self.text = u.text
+        self.finish_reason = u.finish_reason
+        if u.prompt_logprobs is not None:
+            self.prompt_logprobs = u.prompt_logprobs
+
+    def delta(self, hold: int) -> str:
+        """Text not yet streamed, holding back what a stop string or an incomplete UTF-8 char may change."""
+        text = self.text
+        if self.finish_reason is None:
+            text = text.rstrip("\ufffd")
+            text = text[: max(len(text) - hold, self.emitted)]
+        out = text[self.emitted :]
+        self.emitted += len(out)
+        return out
+
+
+class OpenAIServer:
+    """One model, one engine thread, every client's requests batched together."""
+
+    def __init__(self, model: str | Path, *, dtype: str = "float32", served_model_name: str | None = None,
+                 experts: ExpertBackend | None = None, api_key: str | None = None,
+                 engine: EngineOptions | None = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.path = Path(model)
+        ckpt = Checkpoint(self.path)
+        self.args = ckpt.args
+        self.name = served_model_name or self.path.name
+        self.api_key = api_key or None
+        self.tokenizer = Tokenizer.maybe(self.path)
+        self.chat_template = ChatTemplate.maybe(self.path) if self.tokenizer else None
+        self.experts = experts if experts is not None else LocalExperts(ckpt, DTYPES[dtype])
+        o = engine or EngineOptions()
+        self.engine = Engine(RouterModel.from_checkpoint(ckpt, DTYPES[dtype]), self.experts,
+                             max_num_seqs=o.max_num_seqs, max_model_len=o.max_model_len,
+                             max_num_batched_tokens=o.max_num_batched_tokens, tokenizer=self.tokenizer,
+                             seed=o.seed)
+        self.max_model_len = self.engine.max_model_len
+        self.metrics = RouterMetrics(self.name, self.args.n_layers, self.args.n_experts)
+        self.runner = AsyncEngine(self.engine, on_step=self.metrics.on_step)
+        self.created = now()
+        self._token_text: dict[int, str] = {}
+        log.info("serving %s as %r: context %d, %d torch threads, experts %s", self.path, self.name,
+                 self.max_model_len, torch.get_num_threads(), type(self.experts).__name__)
+
+    def close(self) -> None:
+        self.runner.close()
+        self.experts.close()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                  self.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.name}`.",
+                           "model")
+
+    def token_text(self, tok: int) -> str:
+        s = self._token_text.get(tok)
+        if s is None:
+            s = (self.tokenizer.tok.decode([tok], skip_special_tokens=False) if self.tokenizer
+                 else f"token_id:{tok}")
+            self._token_text[tok] = s
+        return s
+
+    def encode(self, prompt: str | list[int]) -> tuple[list[int], str]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, f"{self.name} has no tokenizer: send the prompt as token ids", "prompt")
+            return self.tokenizer.encode(prompt), prompt
+        text = self.tokenizer.decode(prompt) if self.tokenizer else ""
+        return prompt, text
+
+    async def submit(self, choices: list[_Choice], params: SamplingParams) -> RequestStream:
+        try:
+            return await self.runner.submit([Submission(c.prompt_ids, params, c.prompt_text)
+                                             for c in choices])
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt") from e
+
+    @staticmethod
+    def hold_back(params: SamplingParams) -> int:
+        return max((len(s) for s in params.stop), default=1) - 1
+
+    # --- /v1/completions ---------------------------------------------------------------------
+
+    def completion_logprobs(self, c: _Choice, echo: bool, start: int) -> CompletionLogprobs:
+        """Log-probs of generated tokens from `start` (echoing, the prompt's first); advances c.offset."""
+        out = CompletionLogprobs()
+        entries: list[tuple[int, dict[int, float] | None]] = []
+        if echo:
+            entries += list(zip(c.prompt_ids, c.prompt_logprobs or [None] * len(c.prompt_ids), strict=True))
+        entries += list(zip(c.token_ids[start:], c.logprobs[start:], strict=True))
+        for tok, lp in entries:
+            s = self.token_text(tok)
+            out.tokens.append(s)
+            out.token_logprobs.append(None if lp is None else lp[tok])
+            out.top_logprobs.append(None if lp is None else {self.token_text(t): v for t, v in lp.items()})
+            out.text_offset.append(c.offset)
+            c.offset += len(s)
+        return out
+
+    async def completions(self, req: CompletionRequest) -> CompletionResponse | StreamingResponse:
+        self.check_model(req.model)
+        choices = [_Choice(*self.encode(p)) for p in req.prompts()]
+        try:
+            params = req.sampling(req.max_tokens, req.logprobs,
+                                  req.logprobs if req.echo and req.logprobs is not None else None)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        stream = await self.submit(choices, params)
+        rid, created = request_id("cmpl"), now()
+        if req.stream:
+            return StreamingResponse(self.completion_stream(req, choices, params, stream, rid, created),
+                                     media_type="text/event-stream")
+        async with stream:
+            while not stream.done:
+                for u in await stream.next_batch():
+                    self.raise_engine_error(u)
+                    choices[u.index].apply(u)
+        out = []
+        for i, c in enumerate(choices):
+            lp = self.completion_logprobs(c, req.echo, 0) if req.logprobs is not None else None
+            text = (c.prompt_text if req.echo else "") + c.text
+            out.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason))
+        return CompletionResponse(id=rid, created=created, model=self.name, choices=out,
+                                  usage=self.usage(choices))
+
+    async def completion_stream(self, req: CompletionRequest, choices: list[_Choice], params: SamplingParams,
+                                stream: RequestStream, rid: str, created: int) -> AsyncIterator[str]:
+        hold = self.hold_back(params)
+
+        def chunk(parts: list[CompletionChoice], usage: Usage | None = None) -> str:
+            return sse(CompletionResponse(id=rid, created=created, model=self.name, choices=parts,
+                                          usage=usage).model_dump(exclude_none=True))
+
+        async with stream:
+            while not stream.done:
+                batch = await stream.next_batch()
+                error = next((u.error for u in batch if u.error), None)
+                if error:
+                    yield sse({"error": error_body(500, error)})
+                    break
+                for u in batch:
+                    choices[u.index].apply(u)
+                parts = []
+                for i in sorted({u.index for u in batch}):
+                    c = choices[i]
+                    echo = req.echo and not c.echoed  # the prompt goes out with the first chunk
+                    text = (c.prompt_text if echo else "") + c.delta(hold)
+                    c.echoed = c.echoed or echo
+                    if not text and c.finish_reason is None:
+                        continue
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = self.completion_logprobs(c, echo, c.lp_sent)
+                        c.lp_sent = len(c.token_ids)
+                    parts.append(CompletionChoice(index=i, text=text, logprobs=lp,
+                                                  finish_reason=c.finish_reason))
+                if parts:
+                    yield chunk(parts)
+            else:
+                if req.include_usage:
+                    yield chunk([], self.usage(choices))
+        yield sse("[DONE]")
+
+    @staticmethod
+    def usage(choices: list[_Choice]) -> Usage:
+        return Usage.of(sum(len(c.prompt_ids) for c in choices), sum(len(c.token_ids) for c in choices))
+
+    @staticmethod
+    def raise_engine_error(u: Update) -> None:
+        if u.error:
+            raise APIError(500, u.error)
+
+    # --- /v1/chat/completions ----------------------------------------------------------------
+
+    def chat_logprobs(self, c: _Choice, start: int, n_top: int) -> ChatLogprobs:
+        content = []
+        for tok, lp in zip(c.token_ids[start:], c.logprobs[start:], strict=True):
+            s = self.token_text(tok)
+            top = [TopLogprob(token=self.token_text(t), logprob=v, bytes=list(self.token_text(t).encode()))
+                   for t, v in sorted(lp.items(), key=lambda kv: -kv[1])[:n_top]]
+            content.append(ChatTokenLogprob(token=s, logprob=lp[tok], bytes=list(s.encode()),
+                                            top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
+        self.check_model(req.model)
+        if self.chat_template is None:
+            raise APIError(400, f"{self.name}'s tokenizer has no chat template (tokenizer_config.json "
+                                "'chat_template'): use /v1/completions with a plain prompt instead",
+                           "messages")
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            text = self.chat_template.render(messages, req.add_generation_prompt)
+        except (ValueError, ChatTemplateError) as e:
+            raise APIError(400, str(e), "messages") from e
+        ids = self.tokenizer.tok.encode(text, add_special_tokens=False).ids
+        room = self.max_model_len - len(ids)
+        if room <= 0:
+            raise APIError(400, f"the conversation is {len(ids)} tokens, which fills the model's context of "
+                                f"{self.max_model_len} tokens", "messages")
+        try:
+            params = req.sampling(req.max_new_tokens(room), req.n_logprobs(), None)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        choice = _Choice(ids, text)
+        stream = await self.submit([choice], params)
+        rid, created = request_id("chatcmpl"), now()
+        if req.stream:
+            return StreamingResponse(self.chat_stream(req, choice, params, stream, rid, created),
+                                     media_type="text/event-stream")
+        async with stream:
+            while not stream.done:
+                for u in await stream.next_batch():
+                    self.raise_engine_error(u)
+                    choice.apply(u)
+        lp = self.chat_logprobs(choice, 0, req.top_logprobs or 0) if req.logprobs else None
+        return ChatCompletionResponse(
+            id=rid, created=created, model=self.name, usage=self.usage([choice]),
+            choices=[ChatChoice(index=0, message=ChatResponseMessage(content=choice.text), logprobs=lp,
+                                finish_reason=choice.finish_reason)])
+
+    async def chat_stream(self, req: ChatCompletionRequest, c: _Choice, params: SamplingParams,
+                          stream: RequestStream, rid: str, created: int) -> AsyncIterator[str]:
+        hold = self.hold_back(params)
+
+        def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse(ChatCompletionChunk(id=rid, created=created, model=self.name, choices=parts,
+                                           usage=usage).model_dump(exclude_none=True))
+
+        async with stream:
+            yield chunk([ChatChunkChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
+            while not stream.done:
+                batch = await stream.next_batch()
+                error = next((u.error for u in batch if u.error), None)
+                if error:
+                    yield sse({"error": error_body(500, error)})
+                    break
+                for u in batch:
+                    c.apply(u)
+                text = c.delta(hold)
+                if text or c.finish_reason is not None:
+                    lp = self.chat_logprobs(c, c.lp_sent, req.top_logprobs or 0) if req.logprobs else None
+                    c.lp_sent = len(c.token_ids)
+                    yield chunk([ChatChunkChoice(index=0, delta=DeltaMessage(content=text), logprobs=lp,
+                                                 finish_reason=c.finish_reason)])
+            else:
+                if req.include_usage:
+                    yield chunk([], self.usage([c]))
+        yield sse("[DONE]")
+
+    # --- /v1/models --------------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.name, created=self.created, root=str(self.path),
+                                         max_model_len=self.max_model_len)])
+
+
+def build_fastapi(server: OpenAIServer) -> FastAPI:
+    """The HTTP surface: routes, the API key check, errors shaped as OpenAI's (never a 5xx for bad input)."""
+    app = FastAPI(title="raymoe", description="OpenAI-compatible API over a Mixtral-style MoE on Ray",
+                  docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        server.metrics.request(request.url.path, e.status)
+        return error_response(e.status, e.message, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        server.metrics.request(request.url.path, 400)
+        message, param = format_validation_errors(e.errors())
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not server.runner.alive:
+            return error_response(503, "the engine thread has stopped")
+        return Response(status_code=200)
+
+    # The key is checked as a dependency, so it comes before the body is read and validated.
+    authorized = [Depends(server.authorize)]
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models() -> ModelList:
+        return server.models()
+
+    @app.post("/v1/completions", response_model=None, dependencies=authorized)
+    async def completions(req: CompletionRequest):
+        out = await server.completions(req)
+        server.metrics.request("/v1/completions", 200)
+        return out
+
+    @app.post("/v1/chat/completions", response_model=None, dependencies=authorized)
+    async def chat(req: ChatCompletionRequest):
+        out = await server.chat(req)
+        server.metrics.request("/v1/chat/completions", 200)
+        return out
+
+    return app
+
+
+@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1}, health_check_period_s=5)
+@serve.ingress()
+class Router:
+    """The Serve ingress: one engine per replica; experts in-process or behind the expert plane.
+
+    experts: a handle to the expert plane's ingress (`cluster.experts_app.build_expert_plane`); None runs
+    every expert in this replica.
+    """
+
+    def __init__(self, model: str, dtype: str = "float32", served_model_name: str | None = None,
+                 api_key: str | None = None, experts=None, engine: dict | None = None):
+        backend = None
+        if experts is not None:
+            from cluster.experts_app import connect_experts  # the cluster layer wires the gRPC plane
+
+            backend = connect_experts(Checkpoint(model), DTYPES[dtype],
+                                      app_name=serve.get_replica_context().app_name)
+        self.expert_plane = experts  # kept so the plane's ingress lives as long as this router
+        self.server = OpenAIServer(model, dtype=dtype, served_model_name=served_model_name, experts=backend,
+                                   api_key=api_key or os.environ.get("RAYMOE_API_KEY"),
+                                   engine=EngineOptions(**(engine or {})))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_fastapi(self.server)
+
+    def check_health(self) -> None:
+        if not self.server.runner.alive:
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self):
+        self.server.close()
