@@ -3,8 +3,14 @@
 One message per replica touched per layer, all in flight at once, each with a deadline. A replica that
 is unreachable or too slow is dropped from this router's view, reported to the directory, and its
 tokens go to another replica of the same shard: a dying replica costs latency, not a request.
+
+The calls run on grpc.aio channels of a private event loop that the calling (engine) thread itself
+runs for the length of each layer's gather: no hand-off to another Python thread on the hot path,
+which on a busy CPU costs more than the whole transport.
 """
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -75,8 +81,12 @@ class GrpcExperts(ExpertBackend):
         self.owner = owner_table(entries, n_layers, n_experts)
         self.num_shards = int(self.owner.max()) + 1
         self.max_message_bytes = max_message_bytes or min(e["max_message_bytes"] for e in entries)
-        self._lock = threading.Lock()
-        self._channels: dict[str, tuple[grpc.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
+        self.last_compute_ns = 0  # the slowest replica's expert math in the last forward, for benchmarks
+        self._loop = asyncio.new_event_loop()
+        self._loop_lock = threading.Lock()  # one thread at a time runs the loop
+        self._helper: concurrent.futures.ThreadPoolExecutor | None = None  # for callers inside a running loop
+        # address -> (channel, stub), used on the private loop only
+        self._channels: dict[str, tuple[grpc.aio.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
         self.view = self._view(entries)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, args=(refresh_s,), name="expert-view",
@@ -108,22 +118,32 @@ class GrpcExperts(ExpertBackend):
         view = dict(self.view)
         view[shard] = [r for r in view.get(shard, []) if r != rep]
         self.view = view
-        with self._lock:
-            chan = self._channels.pop(rep.address, None)
+        chan = self._channels.pop(rep.address, None)
         if chan is not None:
-            chan[0].close()
+            self._loop.create_task(chan[0].close())
         try:
             self.source.report_dead(rep.address)
         except Exception as e:  # the retry matters more than the report
             log.warning("could not report %s dead: %r", rep.address, e)
 
     def _stub(self, address: str) -> expert_pb2_grpc.ExpertServiceStub:
-        with self._lock:
-            chan = self._channels.get(address)
-            if chan is None:
-                channel = grpc.insecure_channel(address, options=grpc_options(self.max_message_bytes))
-                chan = self._channels[address] = (channel, expert_pb2_grpc.ExpertServiceStub(channel))
+        """Only on the private loop: aio channels belong to the loop that made them."""
+        chan = self._channels.get(address)
+        if chan is None:
+            channel = grpc.aio.insecure_channel(address, options=grpc_options(self.max_message_bytes))
+            chan = self._channels[address] = (channel, expert_pb2_grpc.ExpertServiceStub(channel))
         return chan[1]
+
+    def _run(self, coro):
+        """Run `coro` to completion on the private loop, in this thread unless it already runs a loop."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            with self._loop_lock:
+                return self._loop.run_until_complete(coro)
+        if self._helper is None:
+            self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-dispatch")
+        return self._helper.submit(self._run, coro).result()
 
     def pick(self, shard: int, layer: int, tried: set[str] | frozenset = frozenset()) -> Replica:
         """The live replica of `shard` ranking highest for `layer`; waits for one if none is left."""
@@ -161,36 +181,52 @@ class GrpcExperts(ExpertBackend):
                                                                    weights=to_wire(w[sl]))))
         return out
 
-    def gather(self, layer: int, messages: list[tuple[int, expert_pb2.ForwardRequest]]
-               ) -> list[expert_pb2.ForwardResponse]:
-        """Send every (shard, request) at once; retry transport failures on other replicas of the shard."""
+    async def _gather(self, layer: int, messages: list[tuple[int, expert_pb2.ForwardRequest]]
+                      ) -> list[expert_pb2.ForwardResponse]:
         results: list[expert_pb2.ForwardResponse | None] = [None] * len(messages)
         tried: list[set[str]] = [set() for _ in messages]
         pending = list(range(len(messages)))
         while pending:
-            inflight = []
-            for i in pending:
-                shard, req = messages[i]
-                rep = self.pick(shard, layer, tried[i])
-                inflight.append((i, rep, self._stub(rep.address).Forward.future(req, timeout=self.timeout_s)))
-            pending = []
-            for i, rep, fut in inflight:
-                try:
-                    results[i] = fut.result()
-                except grpc.RpcError as e:
-                    shard = messages[i][0]
-                    if e.code() not in RETRIABLE:
-                        raise ExpertDispatchError(f"shard {shard} replica {rep.address} refused layer "
-                                                  f"{layer}: {e.code().name}: {e.details()}") from None
-                    tried[i].add(rep.replica_id)
-                    self._drop(rep, shard, f"{e.code().name}: {e.details()}")
-                    pending.append(i)
+            reps = [self.pick(messages[i][0], layer, tried[i]) for i in pending]
+            replies = await asyncio.gather(
+                *[self._stub(rep.address).Forward(messages[i][1], timeout=self.timeout_s)
+                  for i, rep in zip(pending, reps, strict=True)], return_exceptions=True)
+            failed = []
+            for i, rep, reply in zip(pending, reps, replies, strict=True):
+                if not isinstance(reply, BaseException):
+                    results[i] = reply
+                    continue
+                shard = messages[i][0]
+                if not isinstance(reply, grpc.RpcError):
+                    raise reply
+                if reply.code() not in RETRIABLE:
+                    raise ExpertDispatchError(f"shard {shard} replica {rep.address} refused layer "
+                                              f"{layer}: {reply.code().name}: {reply.details()}") from None
+                tried[i].add(rep.replica_id)
+                self._drop(rep, shard, f"{reply.code().name}: {reply.details()}")
+                failed.append(i)
+            pending = failed
         return results
+
+    def gather(self, layer: int, messages: list[tuple[int, expert_pb2.ForwardRequest]]
+               ) -> list[expert_pb2.ForwardResponse]:
+        """Send every (shard, request) at once; retry transport failures on other replicas of the shard."""
+        return self._run(self._gather(layer, messages))
+
+    def echo(self, layer: int, messages: list[tuple[int, expert_pb2.EchoRequest]]
+             ) -> list[expert_pb2.EchoResponse]:
+        """Echo calls to the replicas `gather` would use, made the same way: the transport floor."""
+        async def calls():
+            stubs = [self._stub(self.pick(shard, layer).address) for shard, _ in messages]
+            return await asyncio.gather(*[stub.Echo(req, timeout=self.timeout_s)
+                                          for stub, (_, req) in zip(stubs, messages, strict=True)])
+        return self._run(calls())
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:
         msgs = self.requests(layer, x, expert_ids, weights)
         replies = self.gather(layer, [(s, req) for s, _, req in msgs])
+        self.last_compute_ns = max(r.compute_ns for r in replies)
         out = torch.zeros_like(x)  # (T, dim)
         for (_, rows, _), reply in zip(msgs, replies, strict=True):
             out.index_add_(0, rows, from_wire(reply.output, "output", x.dtype, ndim=2))
@@ -198,7 +234,13 @@ class GrpcExperts(ExpertBackend):
 
     def close(self) -> None:
         self._stop.set()
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel, _ in channels:
-            channel.close()
+        channels, self._channels = list(self._channels.values()), {}
+
+        async def close_all():
+            for channel, _ in channels:
+                await channel.close()
+        if not self._loop.is_closed():
+            self._run(close_all())
+            self._loop.close()
+        if self._helper is not None:
+            self._helper.shutdown()
