@@ -69,7 +69,7 @@ def bench_latency(args, tmp: Path) -> None:
     from cluster.bringup import ray_expert_backend
     from experts.checkpoint import Checkpoint
 
-    print(f"\n== per-layer scatter/gather over gRPC, {args.num_shards} shards x 1 replica, top-2 of 8 experts, "
+    print(f"\n== per-layer gRPC scatter/gather: {args.num_shards} shards x 1 replica, top-2 of 8 experts, "
           f"intermediate {args.intermediate}; floor: echo of the same bytes to the same replicas")
     print(f"{'hidden':>6} {'tokens':>6} {'replicas':>8} | {'dispatch p50':>12} {'p99':>8} | {'echo p50':>9} "
           f"{'p99':>8} | {'ratio p50':>9} {'p99':>6} | {'expert math':>11} {'ratio w/o math':>14}")
