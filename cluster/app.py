@@ -28,6 +28,7 @@ class AppArgs:
     expert_num_cpus: float | None = None  # per expert replica; default 1 (0.1 with GPUs)
     router_replicas: int = 1
     router_num_cpus: float = 1.0
+    router_threads: int | None = None  # torch threads per router replica (default: its CPUs, as Ray sets)
     max_num_seqs: int = 64
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
@@ -66,4 +67,4 @@ def build_app(args: dict) -> serve.Application:
               if k in ("max_num_seqs", "max_model_len", "max_num_batched_tokens")}
     router = Router.options(num_replicas=a.router_replicas, ray_actor_options={"num_cpus": a.router_num_cpus})
     return router.bind(model, dtype=a.dtype, served_model_name=a.served_model_name, api_key=a.api_key,
-                       experts=experts, engine=engine)
+                       experts=experts, engine=engine, torch_threads=a.router_threads)

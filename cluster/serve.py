@@ -1,4 +1,4 @@
-"""`raymoe serve`: start or join Ray, deploy the router and experts from one Serve config, serve until Ctrl-C."""
+"""`raymoe serve`: start or join Ray, deploy router and experts from one Serve config, serve until Ctrl-C."""
 
 import argparse
 import logging
@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def deploy(cfg: dict, api_key: str | None = None) -> list[str]:
     """Run every application of a Serve config on the connected cluster, as `serve deploy` would."""
     from ray import serve
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
     names = []
     for app in cfg["applications"]:

@@ -34,6 +34,8 @@ def add_app_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model name clients send (default: the checkpoint directory's name)")
     p.add_argument("--router-replicas", type=int, default=d.router_replicas)
     p.add_argument("--router-num-cpus", type=float, default=d.router_num_cpus, help="CPUs per router replica")
+    p.add_argument("--router-threads", type=int, default=d.router_threads,
+                   help="torch threads per router replica (default: its CPUs)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences batched per router")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len,
                    help="context limit (default: the model's)")
@@ -46,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="write the YAML here (default: stdout)")
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """`raymoe config` options from a list, for code that builds configs (tests, benchmarks)."""
+    p = argparse.ArgumentParser(prog="raymoe config")
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
 def app_args(args: argparse.Namespace) -> dict:
     """The builder's args from the command line; the API key never goes into a config file."""
     # The default stays relative (portable into a container); a path the user gives is theirs, from here.
@@ -54,6 +63,7 @@ def app_args(args: argparse.Namespace) -> dict:
                 replicas_per_shard=args.replicas_per_shard, num_gpus=args.num_gpus,
                 expert_num_cpus=args.expert_num_cpus, served_model_name=args.served_model_name,
                 router_replicas=args.router_replicas, router_num_cpus=args.router_num_cpus,
+                router_threads=args.router_threads,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     return {k: v for k, v in asdict(a).items() if v is not None}
 

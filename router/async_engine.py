@@ -47,6 +47,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     index: int
+    final_only: bool  # the caller wants the finished sequence, not every step
     delivered: int = 0
 
 
@@ -66,8 +67,11 @@ class AsyncEngine:
 
     # --- caller side (any event loop) --------------------------------------------------------
 
-    async def submit(self, subs: list[Submission]) -> "RequestStream":
-        """Add all prompts of one request, or none: raises ValueError (the engine's message) on bad input."""
+    async def submit(self, subs: list[Submission], stream: bool = True) -> "RequestStream":
+        """Add all prompts of one request, or none: raises ValueError (the engine's message) on bad input.
+
+        stream=False delivers each sequence once, finished, which spares the caller's loop a wake-up per step.
+        """
         if not self.alive:
             raise RuntimeError("the engine thread has stopped")
         loop = asyncio.get_running_loop()
@@ -75,7 +79,7 @@ class AsyncEngine:
         updates: asyncio.Queue[Update] = asyncio.Queue()
         base = uuid.uuid4().hex
         ids = [f"{base}-{i}" for i in range(len(subs))]
-        self._inbox.put(lambda: self._add(subs, ids, loop, updates, accepted))
+        self._inbox.put(lambda: self._add(subs, ids, loop, updates, accepted, not stream))
         try:
             await accepted
         except asyncio.CancelledError:
@@ -94,7 +98,7 @@ class AsyncEngine:
     # --- engine thread -----------------------------------------------------------------------
 
     def _add(self, subs: list[Submission], ids: list[str], loop: asyncio.AbstractEventLoop,
-             updates: asyncio.Queue, accepted: asyncio.Future) -> None:
+             updates: asyncio.Queue, accepted: asyncio.Future, final_only: bool) -> None:
         added = []
         try:
             for sid, sub in zip(ids, subs, strict=True):
@@ -106,7 +110,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(_settle, accepted, e)
             return
         for i, sid in enumerate(ids):
-            self._streams[sid] = _Stream(loop, updates, i)
+            self._streams[sid] = _Stream(loop, updates, i, final_only)
         loop.call_soon_threadsafe(_settle, accepted, None)
 
     def _abort(self, seq_ids: list[str]) -> None:
@@ -135,40 +139,52 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(f"the engine failed: {e}")
                 continue
-            for seq in updated:
-                self._deliver(seq)
+            self._post({seq.seq_id: update for seq in updated if (update := self._update(seq)) is not None})
             if self.on_step is not None:
                 try:
                     self.on_step(self.engine, time.perf_counter() - t)
                 except Exception:
                     log.exception("on_step hook failed")
 
-    def _deliver(self, seq: Sequence) -> None:
+    def _update(self, seq: Sequence) -> Update | None:
         s = self._streams.get(seq.seq_id)
-        if s is None:
-            return
+        if s is None or (s.final_only and not seq.finished):
+            return None
         n = len(seq.output_ids)
         # A sequence's first update comes when its prefill is done, so its prompt log-probs are complete.
         first = s.delivered == 0 and seq.params.prompt_logprobs is not None
         update = Update(s.index, seq.output_ids[s.delivered:n], seq.output_logprobs[s.delivered:n], seq.text,
                         n, seq.finish_reason, list(seq.prompt_logprobs) if first else None)
         s.delivered = n
-        if seq.finished:
-            del self._streams[seq.seq_id]
-        self._post(seq.seq_id, s, update)
+        return update
 
-    def _post(self, seq_id: str, s: _Stream, update: Update) -> None:
-        try:
-            s.loop.call_soon_threadsafe(s.queue.put_nowait, update)
-        except RuntimeError:  # the caller's loop is gone: nobody is listening
-            if self._streams.pop(seq_id, None) is not None:
-                self.engine.abort(seq_id)
+    def _post(self, updates: dict[str, Update]) -> None:
+        """Hand a step's updates over with one call per event loop, not one per sequence."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Update]]] = {}
+        for sid, update in updates.items():
+            s = self._streams[sid]
+            by_loop.setdefault(s.loop, []).append((s.queue, update))
+            if update.finish_reason is not None:
+                del self._streams[sid]
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the callers' loop is gone: nobody is listening
+                for sid, s in list(self._streams.items()):
+                    if s.loop is loop:
+                        del self._streams[sid]
+                        self.engine.abort(sid)
 
     def _fail_all(self, message: str) -> None:
-        for sid, s in list(self._streams.items()):
+        for sid in self._streams:
             self.engine.abort(sid)
-            del self._streams[sid]
-            self._post(sid, s, Update(s.index, [], [], "", s.delivered, "error", error=message))
+        self._post({sid: Update(s.index, [], [], "", s.delivered, "error", error=message)
+                    for sid, s in self._streams.items()})
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Update]]) -> None:
+    for q, update in items:
+        q.put_nowait(update)
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None) -> None:

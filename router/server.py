@@ -90,7 +90,7 @@ class _Choice:
     emitted: int = 0  # characters of text already streamed
     echoed: bool = False  # the prompt has been streamed back
     offset: int = 0  # text_offset of the next log-prob entry
-    lp_sent: int = 0  # generated tokens whose log-probs have been streamed
+    sent: int = 0  # generated tokens streamed (with their log-probs)
     finish_reason: str | None = None
     prompt_logprobs: list | None = None
 
@@ -178,10 +178,10 @@ class OpenAIServer:
         text = self.tokenizer.decode(prompt) if self.tokenizer else ""
         return prompt, text
 
-    async def submit(self, choices: list[_Choice], params: SamplingParams) -> RequestStream:
+    async def submit(self, choices: list[_Choice], params: SamplingParams, stream: bool) -> RequestStream:
         try:
             return await self.runner.submit([Submission(c.prompt_ids, params, c.prompt_text)
-                                             for c in choices])
+                                             for c in choices], stream)
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from e
 
@@ -215,7 +215,7 @@ class OpenAIServer:
                                   req.logprobs if req.echo and req.logprobs is not None else None)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        stream = await self.submit(choices, params)
+        stream = await self.submit(choices, params, req.stream)
         rid, created = request_id("cmpl"), now()
         if req.stream:
             return StreamingResponse(self.completion_stream(req, choices, params, stream, rid, created),
@@ -256,12 +256,12 @@ class OpenAIServer:
                     echo = req.echo and not c.echoed  # the prompt goes out with the first chunk
                     text = (c.prompt_text if echo else "") + c.delta(hold)
                     c.echoed = c.echoed or echo
-                    if not text and c.finish_reason is None:
+                    # Without a tokenizer there is no text to wait for: each token goes out as it comes.
+                    fresh = len(c.token_ids) > c.sent
+                    if not text and c.finish_reason is None and (self.tokenizer or not fresh):
                         continue
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = self.completion_logprobs(c, echo, c.lp_sent)
-                        c.lp_sent = len(c.token_ids)
+                    lp = self.completion_logprobs(c, echo, c.sent) if req.logprobs is not None else None
+                    c.sent = len(c.token_ids)
                     parts.append(CompletionChoice(index=i, text=text, logprobs=lp,
                                                   finish_reason=c.finish_reason))
                 if parts:
@@ -313,7 +313,7 @@ class OpenAIServer:
         except ValueError as e:
             raise APIError(400, str(e)) from e
         choice = _Choice(ids, text)
-        stream = await self.submit([choice], params)
+        stream = await self.submit([choice], params, req.stream)
         rid, created = request_id("chatcmpl"), now()
         if req.stream:
             return StreamingResponse(self.chat_stream(req, choice, params, stream, rid, created),
@@ -349,8 +349,8 @@ class OpenAIServer:
                     c.apply(u)
                 text = c.delta(hold)
                 if text or c.finish_reason is not None:
-                    lp = self.chat_logprobs(c, c.lp_sent, req.top_logprobs or 0) if req.logprobs else None
-                    c.lp_sent = len(c.token_ids)
+                    lp = self.chat_logprobs(c, c.sent, req.top_logprobs or 0) if req.logprobs else None
+                    c.sent = len(c.token_ids)
                     yield chunk([ChatChunkChoice(index=0, delta=DeltaMessage(content=text), logprobs=lp,
                                                  finish_reason=c.finish_reason)])
             else:
@@ -423,7 +423,10 @@ class Router:
     """
 
     def __init__(self, model: str, dtype: str = "float32", served_model_name: str | None = None,
-                 api_key: str | None = None, experts=None, engine: dict | None = None):
+                 api_key: str | None = None, experts=None, engine: dict | None = None,
+                 torch_threads: int | None = None):
+        if torch_threads:  # else Ray's default: as many as the replica's CPUs
+            torch.set_num_threads(torch_threads)
         backend = None
         if experts is not None:
             from cluster.experts_app import connect_experts  # the cluster layer wires the gRPC plane

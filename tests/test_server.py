@@ -18,9 +18,8 @@ import torch
 from conftest import serve_http_port
 from hf_reference import build_checkpoint
 
-from cluster.cli import build_parser
 from cluster.serve import deploy
-from cluster.serve_config import serve_config
+from cluster.serve_config import parse, serve_config
 
 MODEL = "tiny"
 KEY = "sk-test-raymoe"
@@ -62,7 +61,7 @@ def checkpoints(tmp_path_factory):
 
 
 def config(*argv: str) -> dict:
-    return serve_config(build_parser().parse_args(["config", *argv]))
+    return serve_config(parse(list(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,8 @@ def llm(checkpoints):
 
 def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(url, data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     return call(req)
 
 
@@ -192,7 +192,8 @@ def test_32_concurrent_requests(server, llm):
     from router import SamplingParams
 
     prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(32)]
-    aclient = openai.AsyncOpenAI(base_url=server["main"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    aclient = openai.AsyncOpenAI(base_url=server["main"] + "/v1", api_key="unused", max_retries=0,
+                                 timeout=120)
 
     async def one(p):
         return await aclient.completions.create(model=MODEL, prompt=p, max_tokens=16, **GREEDY)
@@ -219,7 +220,8 @@ def test_chat(client):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def f(x):"}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, **GREEDY)
     assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens == 10
-    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, stream=True, **GREEDY))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, stream=True,
+                                                 **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
     # The template's text, sent as a plain prompt, continues the same way.
@@ -306,7 +308,8 @@ def test_metrics(server, client, ray_session):
     """raymoe's own metrics and Serve's reach Ray's Prometheus endpoint."""
     client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, **GREEDY)
     port = ray_session._private.worker.global_worker.node.metrics_export_port
-    want = ["ray_raymoe_generation_tokens_total", "ray_raymoe_expert_tokens_total", "ray_raymoe_num_requests_running",
+    want = ["ray_raymoe_generation_tokens_total", "ray_raymoe_expert_tokens_total",
+            "ray_raymoe_num_requests_running",
             "ray_raymoe_expert_batch_size_bucket", "ray_raymoe_generation_tokens_per_second",
             "ray_serve_num_http_requests_total"]
     deadline = time.monotonic() + 30
