@@ -48,9 +48,10 @@ class ExpertServicer:
                  max_message_bytes: int, info: expert_pb2.InfoResponse, device: torch.device):
         self.experts, self.dim, self.n_experts, self.dtype = experts, dim, n_experts, dtype
         self.max_message_bytes, self.info, self.device = max_message_bytes, info, device
-        self.held: dict[int, torch.Tensor] = {}  # layer -> (n_experts,) bool: which experts are here
+        # layer -> (1 + n_experts,) bool, indexed by expert id + 1: may a token name it here (-1: none)
+        self.allowed: dict[int, torch.Tensor] = {}
         for layer, e in experts.weights:
-            self.held.setdefault(layer, torch.zeros(n_experts, dtype=torch.bool))[e] = True
+            self.allowed.setdefault(layer, torch.tensor([True] + [False] * n_experts))[e + 1] = True
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -74,10 +75,10 @@ class ExpertServicer:
             raise WireError(f"not a {cls.DESCRIPTOR.name} message: {e}") from None
 
     def parse(self, req: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        held = self.held.get(req.layer)
-        if held is None:
+        allowed = self.allowed.get(req.layer)
+        if allowed is None:
             raise WireError(f"layer {req.layer} is not held by shard {self.info.shard} "
-                            f"(it holds layers {sorted(self.held)})")
+                            f"(it holds layers {sorted(self.allowed)})")
         x = from_wire(req.hidden, "hidden", self.dtype, ndim=2)  # (N, dim)
         ids = from_wire(req.expert_ids, "expert_ids", torch.int32, ndim=2)  # (N, k)
         w = from_wire(req.weights, "weights", torch.float32, ndim=2)  # (N, k)
@@ -89,14 +90,16 @@ class ExpertServicer:
                             f"1 <= k <= {self.n_experts}")
         if w.shape != ids.shape:
             raise WireError(f"weights: shape {list(w.shape)} differs from expert_ids' {list(ids.shape)}")
-        out_of_range = (ids < -1) | (ids >= self.n_experts)
-        if out_of_range.any():
-            raise WireError(f"expert_ids: {int(ids[out_of_range][0])} is not an expert id "
+        if n == 0:
+            return x, ids, w
+        lo, hi = (int(v) for v in ids.aminmax())  # few tensor ops: each costs more than its math here
+        if lo < -1 or hi >= self.n_experts:
+            raise WireError(f"expert_ids: {lo if lo < -1 else hi} is not an expert id "
                             f"(0 <= id < {self.n_experts}, or -1 for none)")
-        elsewhere = (ids >= 0) & ~held[ids.clamp(min=0).long()]
-        if elsewhere.any():
-            raise WireError(f"expert {int(ids[elsewhere][0])} of layer {req.layer} is not held by shard "
-                            f"{self.info.shard} (it holds {held.nonzero().flatten().tolist()} there)")
+        ok = allowed[ids + 1]  # (N, k)
+        if not ok.all():
+            raise WireError(f"expert {int(ids[~ok][0])} of layer {req.layer} is not held by shard "
+                            f"{self.info.shard} (it holds {allowed[1:].nonzero().flatten().tolist()} there)")
         return x, ids, w
 
     async def Forward(self, raw: bytes, context):

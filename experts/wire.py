@@ -3,6 +3,7 @@
 import sys
 import warnings
 
+import numpy as np
 import torch
 
 from protos import expert_pb2
@@ -16,6 +17,9 @@ TRANSPORT_SLACK = 4
 
 if sys.byteorder != "little":
     raise ImportError("raymoe's wire format is little-endian; big-endian hosts are not supported")
+
+# Tensors read off the wire share the (immutable) protobuf bytes; nothing here writes to them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class WireError(ValueError):
@@ -35,6 +39,14 @@ def to_wire(t: torch.Tensor) -> expert_pb2.Tensor:
     # A uint8 view serialises every dtype alike, bfloat16 included (numpy has no bfloat16).
     data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return expert_pb2.Tensor(dtype=name, shape=list(t.shape), data=data)
+
+
+def array_to_wire(a: np.ndarray) -> expert_pb2.Tensor:
+    """numpy int32/float32 (the router's small index and weight arrays) without a torch round trip."""
+    name = {np.dtype(np.int32): "int32", np.dtype(np.float32): "float32"}.get(a.dtype)
+    if name is None:
+        raise WireError(f"numpy dtype {a.dtype} cannot travel: expected int32 or float32")
+    return expert_pb2.Tensor(dtype=name, shape=list(a.shape), data=np.ascontiguousarray(a).tobytes())
 
 
 def from_wire(msg: expert_pb2.Tensor, what: str, dtype: torch.dtype | None = None, ndim: int | None = None
@@ -62,7 +74,4 @@ def from_wire(msg: expert_pb2.Tensor, what: str, dtype: torch.dtype | None = Non
                         f"{expected}")
     if numel == 0:
         return torch.empty(shape, dtype=dt)
-    with warnings.catch_warnings():
-        # protobuf bytes are immutable; torch warns about that, and nothing here writes to them.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(msg.data, dtype=dt).view(shape)
+    return torch.frombuffer(msg.data, dtype=dt).view(shape)

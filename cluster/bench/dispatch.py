@@ -11,11 +11,12 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from cluster.bench.common import bench_checkpoint, best_of
+from cluster.bench.common import bench_checkpoint
 from protos import expert_pb2
 
 
@@ -25,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intermediate", type=int, default=16,
                    help="expert intermediate size of the latency checkpoint (small: it measures transport)")
     p.add_argument("--iters", type=int, default=100, help="timed layer calls per (hidden, tokens)")
-    p.add_argument("--num-shards", type=int, default=8, help="expert shards (8 experts: one per shard)")
+    p.add_argument("--num-shards", type=int, default=8, help="expert shards of the latency runs")
+    p.add_argument("--decode-shards", type=int, nargs="+", default=[8, 2],
+                   help="expert shards of the ray decode runs, one run each (8: one expert per shard)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
@@ -106,6 +109,19 @@ def bench_latency(args, tmp: Path) -> None:
             backend.close()
 
 
+def best_of_each(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Fastest seconds of each function, their runs interleaved so that a busy machine slows all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: min(v) for k, v in times.items()}
+
+
 def bench_decode(args, tmp: Path) -> None:
     from transformers import MixtralForCausalLM
 
@@ -113,32 +129,38 @@ def bench_decode(args, tmp: Path) -> None:
 
     path = bench_checkpoint(tmp / "bench")
     hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    local = LLM(path, expert_backend="local", max_num_seqs=max(args.batch_sizes))
-    ray_llm = LLM(path, expert_backend="ray", max_num_seqs=max(args.batch_sizes),
-                  num_shards=args.num_shards, num_cpus=0.1)
-    n = args.new_tokens
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    print(f"\n== decode throughput (tok/s), benchmark checkpoint: hidden 512, 4 layers, 8 experts; {n} new "
-          f"tokens after {args.prompt_len}-token prompts; experts on Ray: {args.num_shards} shards")
-    print(f"{'batch':>5} | {'ray':>8} {'local':>8} {'HF':>8} | {'ray/local':>9} {'ray/HF':>7}")
+    seqs = max(args.batch_sizes)
+    llms = {"local": LLM(path, expert_backend="local", max_num_seqs=seqs)}
     try:
+        for shards in args.decode_shards:
+            llms[f"ray/{shards}"] = LLM(path, expert_backend="ray", max_num_seqs=seqs, num_shards=shards,
+                                        num_cpus=0.1)
+        n = args.new_tokens
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        rays = [k for k in llms if k != "local"]
+        print(f"\n== decode throughput (tok/s), benchmark checkpoint (hidden 512, 4 layers, 8 experts), "
+              f"{n} new tokens after {args.prompt_len}-token prompts; ray/S: experts in S shards x 1 replica")
+        print(f"{'batch':>5} | " + " ".join(f"{k:>8}" for k in [*rays, "local", "HF"]) + " | "
+              + " ".join(f"{k + ' vs local':>16} {'vs HF':>6}" for k in rays))
         with torch.inference_mode():
             for b in args.batch_sizes:
                 prompts = torch.randint(0, hf.config.vocab_size, (b, args.prompt_len),
                                         generator=torch.Generator().manual_seed(b))
                 batch = [{"prompt_token_ids": p} for p in prompts.tolist()]
-                same = ([o.outputs[0].token_ids for o in ray_llm.generate(batch, params)]
-                        == [o.outputs[0].token_ids for o in local.generate(batch, params)])
-                t_ray = best_of(lambda batch=batch: ray_llm.generate(batch, params), args.repeats)
-                t_local = best_of(lambda batch=batch: local.generate(batch, params), args.repeats)
-                t_hf = best_of(lambda p=prompts: hf.generate(p, max_new_tokens=n, min_new_tokens=n,
-                                                             do_sample=False, pad_token_id=0), args.repeats)
-                r, lo, h = b * n / t_ray, b * n / t_local, b * n / t_hf
-                print(f"{b:>5} | {r:>8.1f} {lo:>8.1f} {h:>8.1f} | {r / lo:>8.2f}x {r / h:>6.2f}x"
-                      f"{'' if same else '   (ray and local tokens differ!)'}")
+                tokens = {k: [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+                          for k, llm in llms.items()}
+                fns = {k: (lambda llm=llm, batch=batch: llm.generate(batch, params))
+                       for k, llm in llms.items()}
+                fns["HF"] = lambda p=prompts: hf.generate(p, max_new_tokens=n, min_new_tokens=n,
+                                                          do_sample=False, pad_token_id=0)
+                tps = {k: b * n / t for k, t in best_of_each(fns, args.repeats).items()}
+                same = all(tokens[k] == tokens["local"] for k in rays)
+                print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
+                      + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
+                      + ("" if same else "   (ray and local tokens differ!)"))
     finally:
-        ray_llm.shutdown()
-        local.shutdown()
+        for llm in llms.values():
+            llm.shutdown()
 
 
 def run(args: argparse.Namespace) -> None:
