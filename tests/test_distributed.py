@@ -1,5 +1,6 @@
 """The distributed expert plane on a real local Ray: ExpertShard replicas on Serve, gRPC, failover."""
 
+import asyncio
 import time
 
 import grpc
@@ -10,14 +11,16 @@ import torch
 from hf_reference import build_checkpoint, hf_greedy, hf_logprobs
 
 from cluster.directory import DirectoryClient, get_directory
-from cluster.experts_app import connect_experts
+from cluster.experts_app import build_expert_plane, connect_experts
 from cluster.placement import PlacementPlan
 from experts.checkpoint import Checkpoint
 from experts.ffn import ExpertSet
+from experts.replica import ExpertServicer, GrpcServer
 from experts.wire import WireError, from_wire, to_wire
 from protos import expert_pb2
 from router import LLM, SamplingParams
 from router.dispatch import ExpertBackend, LocalExperts
+from router.grpc_dispatch import GrpcExperts
 
 PROMPTS = [[1, 5, 9, 33, 2, 7, 100, 4, 18, 3, *range(60, 71)], [3, 4], [90, 91, 92, 93]]
 MAX_MESSAGE = 1 << 20
@@ -89,6 +92,60 @@ def test_wire_round_trip(dtype):
 def test_bad_backend_options_fail_before_deploying(ckpt):
     with pytest.raises(ValueError, match="num_shards must be in"):
         LLM(ckpt[0], expert_backend="ray", num_shards=5)
+
+
+def test_gpus_reach_the_replica_actor_options(ckpt):
+    app = build_expert_plane(str(ckpt[0]), num_shards=2, replicas_per_shard=3, num_gpus=0.5)
+    plane = app._bound_deployment
+    assert "Expert" in plane.name
+    shards = [a._bound_deployment for a in plane.init_args[1:]]
+    assert [d.name for d in shards] == ["ExpertShard-0", "ExpertShard-1"]
+    assert all(d.ray_actor_options["num_gpus"] == 0.5 and d.num_replicas == 3 for d in shards)
+
+
+class SlowServicer(ExpertServicer):
+    async def Forward(self, raw, context):
+        await asyncio.sleep(5)
+        return await super().Forward(raw, context)
+
+
+class SwapSource:
+    """Lists the first replica until a router reports it dead, then the others (as Serve replaces one)."""
+
+    def __init__(self, entries):
+        self.entries, self.dead = entries, []
+
+    def replicas(self):
+        return self.entries[1:] if self.dead else self.entries[:1]
+
+    def report_dead(self, address):
+        self.dead.append(address)
+
+
+def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
+    """Real gRPC replicas of one shard, the first too slow: its call times out, is reported, and retried."""
+    c = Checkpoint(ckpt[0])
+    a = c.args
+    pairs = [(l, e) for l in range(a.n_layers) for e in range(a.n_experts)]
+    experts = ExpertSet.load(c, pairs, torch.float32)
+    info, cpu = expert_pb2.InfoResponse(), torch.device("cpu")
+    servers = [GrpcServer(cls(experts, a.dim, a.n_experts, torch.float32, MAX_MESSAGE, info, cpu), "127.0.0.1",
+                          MAX_MESSAGE) for cls in (SlowServicer, ExpertServicer)]
+    source = SwapSource([dict(shard=0, num_shards=1, replica_id=rid, address=srv.address, pairs=pairs,
+                              max_message_bytes=MAX_MESSAGE)
+                         for rid, srv in zip(["slow", "fast"], servers, strict=True)])
+    backend = GrpcExperts(source, a.n_layers, a.n_experts, timeout_s=0.5)
+    x, logits = torch.randn(5, a.dim), torch.randn(5, a.n_experts)
+    weights, ids = torch.softmax(logits.topk(2).values, -1), logits.topk(2).indices
+    try:
+        out = backend.forward(1, x, ids, weights)
+        assert (out - experts.forward(1, x, ids, weights)).abs().max() < 1e-6
+        assert source.dead == [servers[0].address]
+        assert [r.replica_id for r in backend.view[0]] == ["fast"]
+    finally:
+        backend.close()
+        for srv in servers:
+            srv.stop()
 
 
 # --- on the cluster --------------------------------------------------------------------------------
