@@ -129,8 +129,8 @@ def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
     pairs = [(l, e) for l in range(a.n_layers) for e in range(a.n_experts)]
     experts = ExpertSet.load(c, pairs, torch.float32)
     info, cpu = expert_pb2.InfoResponse(), torch.device("cpu")
-    servers = [GrpcServer(cls(experts, a.dim, a.n_experts, torch.float32, MAX_MESSAGE, info, cpu), "127.0.0.1",
-                          MAX_MESSAGE) for cls in (SlowServicer, ExpertServicer)]
+    servers = [GrpcServer(cls(experts, a.dim, a.n_experts, torch.float32, MAX_MESSAGE, info, cpu),
+                          "127.0.0.1", MAX_MESSAGE) for cls in (SlowServicer, ExpertServicer)]
     source = SwapSource([dict(shard=0, num_shards=1, replica_id=rid, address=srv.address, pairs=pairs,
                               max_message_bytes=MAX_MESSAGE)
                          for rid, srv in zip(["slow", "fast"], servers, strict=True)])
