@@ -40,6 +40,21 @@ def ensure_serve() -> bool:
     return True
 
 
+def remove_plane(app_name: str, started_serve: bool, started_ray: bool) -> None:
+    """Delete the expert plane's app and directory entries, then Serve and Ray if we started them."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    serve.delete(app_name)
+    DirectoryClient(app_name).remove_app()
+    if started_serve:
+        serve.shutdown()
+    if started_ray:
+        ray.shutdown()
+
+
 class RayExperts(ExpertBackend):
     """The gRPC backend to an expert plane this process deployed; close() removes the plane again."""
 
@@ -52,18 +67,8 @@ class RayExperts(ExpertBackend):
         return self.backend.forward(layer, x, expert_ids, weights)
 
     def close(self) -> None:
-        import ray
-        from ray import serve
-
         self.backend.close()
-        if not ray.is_initialized():
-            return
-        serve.delete(self.app_name)
-        DirectoryClient(self.app_name).remove_app()
-        if self.started_serve:
-            serve.shutdown()
-        if self.started_ray:
-            ray.shutdown()
+        remove_plane(self.app_name, self.started_serve, self.started_ray)
 
 
 def ray_expert_backend(ckpt: Checkpoint, dtype: torch.dtype, *, num_shards: int | None = None,
@@ -72,22 +77,21 @@ def ray_expert_backend(ckpt: Checkpoint, dtype: torch.dtype, *, num_shards: int 
                        ) -> ExpertBackend:
     """Deploy the checkpoint's experts as a Serve application and return the gRPC backend to it.
 
-    This is `LLM(..., expert_backend="ray", ...)`: its options are the LLM's extra keyword arguments.
+    This is `LLM(..., expert_backend="ray", ...)`: its options are the LLM's extra keyword arguments
+    (num_shards, replicas_per_shard, num_gpus, num_cpus per replica, app_name, plan, max_message_bytes).
     """
     from ray import serve
 
     app = build_expert_plane(str(ckpt.path), WIRE_NAMES[dtype], num_shards, replicas_per_shard, num_gpus,
                              num_cpus=num_cpus, **plane_options)
     started_ray = ensure_ray(ray_num_cpus)
+    started_serve = False
+    name = app_name or f"raymoe-experts-{uuid.uuid4().hex[:8]}"
     try:
         started_serve = ensure_serve()
-        name = app_name or f"raymoe-experts-{uuid.uuid4().hex[:8]}"
         serve.run(app, name=name, route_prefix=None)
         log.info("expert plane %r is up", name)
         return RayExperts(connect_experts(ckpt, dtype, name), name, started_serve, started_ray)
     except BaseException:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        remove_plane(name, started_serve, started_ray)
         raise
