@@ -1,0 +1,108 @@
+"""The KubeRay manifests: valid against KubeRay's CRDs, serving exactly the config `raymoe config` writes."""
+
+import copy
+import functools
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonschema import Draft7Validator
+
+from cluster.app import AppArgs
+from cluster.serve_config import parse, serve_config, to_yaml
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+CRDS = Path("/work/shared/kuberay-crds")
+CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+
+
+def manifest(name: str) -> dict:
+    return yaml.safe_load((K8S / name).read_text())
+
+
+def strict(schema):
+    """The CRD schema as the API server applies it with strict field validation: unknown fields are
+    errors, except where the schema says x-kubernetes-preserve-unknown-fields."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) if k in ("items", "additionalProperties", "anyOf", "allOf", "oneOf", "not") else v
+           for k, v in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def validator(kind: str) -> tuple[Draft7Validator, str]:
+    """The schema of the CRD's storage version, and its apiVersion."""
+    path = CRDS / CRD_FILES[kind]
+    if not path.is_file():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS}")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 18k lines: libyaml when there
+    crd = next(d for d in yaml.load_all(path.read_text(), Loader=loader) if d)
+    assert crd["spec"]["names"]["kind"] == kind
+    version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    Draft7Validator.check_schema(schema)
+    return Draft7Validator(schema), f"{crd['spec']['group']}/{version['name']}"
+
+
+def errors(kind: str, doc: dict) -> list[str]:
+    v, _ = validator(kind)
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(doc)]
+
+
+@pytest.mark.parametrize("kind,file", [("RayService", "rayservice.yaml"), ("RayCluster", "raycluster.yaml")])
+def test_manifest_matches_crd(kind, file):
+    doc = manifest(file)
+    _, api_version = validator(kind)
+    assert doc["kind"] == kind and doc["apiVersion"] == api_version
+    assert errors(kind, doc) == []
+
+
+@pytest.mark.parametrize("path,value", [
+    (("spec", "rayClusterConfig", "workerGroupSpec"), []),  # misspelled field
+    (("spec", "rayClusterConfig", "workerGroupSpecs", 0, "replicas"), "one"),  # wrong type
+    (("spec", "serveConfigV2"), {"applications": []}),  # an object where KubeRay wants the YAML text
+])
+def test_validator_rejects_broken_manifests(path, value):
+    """The check above would catch a typo or a wrong type: it is strict, not vacuous."""
+    doc = copy.deepcopy(manifest("rayservice.yaml"))
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert errors("RayService", doc)
+
+
+def documented_command(text: str) -> list[str]:
+    """The `raymoe config ...` command the manifest's header says its serveConfigV2 comes from."""
+    lines = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")]
+    command = next(line for line in lines if line.startswith("raymoe config"))
+    return shlex.split(command)[2:]
+
+
+def test_serve_config_is_raymoe_configs_output():
+    text = (K8S / "rayservice.yaml").read_text()
+    embedded = yaml.safe_load(text)["spec"]["serveConfigV2"]
+    assert embedded == to_yaml(serve_config(parse(documented_command(text))))
+    app = yaml.safe_load(embedded)["applications"][0]
+    assert app["import_path"] == "cluster.app:build_app"
+    a = AppArgs.from_dict(app["args"])  # the builder accepts exactly these args
+    assert a.expert_backend == "ray" and a.num_gpus > 0 and not a.api_key
+    assert yaml.safe_load(embedded)["http_options"]["host"] == "0.0.0.0"  # reachable from the service
+
+
+def test_cluster_has_gpu_workers_for_experts():
+    service, cluster = manifest("rayservice.yaml"), manifest("raycluster.yaml")
+    assert service["spec"]["rayClusterConfig"] == cluster["spec"]
+    groups = cluster["spec"]["workerGroupSpecs"]
+    gpu = [g for g in groups if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                                    for c in g["template"]["spec"]["containers"])]
+    assert gpu and gpu[0]["maxReplicas"] >= gpu[0]["minReplicas"]
