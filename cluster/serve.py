@@ -1,6 +1,7 @@
 """`raymoe serve`: start or join Ray, deploy router and experts from one Serve config, serve until Ctrl-C."""
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -25,15 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def deploy(cfg: dict, api_key: str | None = None) -> list[str]:
     """Run every application of a Serve config on the connected cluster, as `serve deploy` would."""
     from ray import serve
-    from ray._common.utils import import_attr
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
     names = []
     for app in cfg["applications"]:
         args = dict(app.get("args", {}))
         if api_key:
             args["api_key"] = api_key
-        built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), args)
+        module, _, attr = app["import_path"].partition(":")
+        target = getattr(importlib.import_module(module), attr)
+        built = target if isinstance(target, serve.Application) else target(args)  # an application builder
         serve.run(built, name=app["name"], route_prefix=app.get("route_prefix", "/"))
         names.append(app["name"])
     return names

@@ -446,4 +446,6 @@ class Router:
             raise RuntimeError("the engine thread has stopped")
 
     def __del__(self):
-        self.server.close()
+        server = getattr(self, "server", None)  # absent when __init__ failed
+        if server is not None:
+            server.close()
