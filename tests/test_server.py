@@ -343,3 +343,52 @@ def test_request_survives_killed_expert_replica(server, client, ray_session):
     chunks = list(stream)
     text += [c.choices[0].text for c in chunks]
     assert "".join(text) == want and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_async_engine_aborts_when_the_caller_goes_away(checkpoints):
+    """A client that disconnects cancels its handler; the engine thread then drops its sequences."""
+    from router import LLM, SamplingParams
+    from router.async_engine import AsyncEngine, Submission
+
+    llm = LLM(checkpoints[0], expert_backend="local")
+    runner = AsyncEngine(llm.engine)
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def client():
+        async with await runner.submit([Submission([5, 6, 7], params), Submission([8, 9], params)]) as stream:
+            while True:
+                await stream.next_batch()
+
+    async def disconnect_after_first_tokens():
+        task = asyncio.create_task(client())
+        while llm.engine.num_generated_tokens < 4:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(disconnect_after_first_tokens())
+    deadline = time.monotonic() + 30
+    while llm.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not llm.engine.has_unfinished() and llm.engine.num_generated_tokens < 2 * 400
+    runner.close()
+    assert not runner.alive
+
+
+def test_async_engine_rejects_a_bad_request_whole(checkpoints):
+    """One bad prompt of several: a ValueError, and none of them runs."""
+    from router import LLM, SamplingParams
+    from router.async_engine import AsyncEngine, Submission
+
+    llm = LLM(checkpoints[0], expert_backend="local")
+    runner = AsyncEngine(llm.engine)
+    params = SamplingParams(max_tokens=4)
+
+    async def submit():
+        await runner.submit([Submission([5, 6], params), Submission([10**6], params)])
+
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        asyncio.run(submit())
+    runner.close()
+    assert not llm.engine.has_unfinished()
