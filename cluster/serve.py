@@ -5,9 +5,12 @@ import importlib
 import logging
 import os
 import signal
+import sys
 import threading
 
+from cluster.app import AppArgs
 from cluster.serve_config import add_app_arguments, serve_config
+from experts.checkpoint import Checkpoint, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from ray.serve.context import _get_global_client
 
     cfg = serve_config(args)
+    try:  # a missing or broken checkpoint is the user's to fix: say so before starting anything
+        Checkpoint(AppArgs.from_dict(cfg["applications"][0]["args"]).model_path())
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"raymoe serve: {e}")
     started_ray = not ray.is_initialized()
     if started_ray:
         if args.address:

@@ -175,8 +175,11 @@ class OpenAIServer:
             if self.tokenizer is None:
                 raise APIError(400, f"{self.name} has no tokenizer: send the prompt as token ids", "prompt")
             return self.tokenizer.encode(prompt), prompt
-        text = self.tokenizer.decode(prompt) if self.tokenizer else ""
-        return prompt, text
+        bad = [t for t in prompt if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})",
+                           "prompt")
+        return prompt, self.tokenizer.decode(prompt) if self.tokenizer else ""
 
     async def submit(self, choices: list[_Choice], params: SamplingParams, stream: bool) -> RequestStream:
         try:

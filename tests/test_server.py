@@ -246,6 +246,8 @@ BAD_COMPLETIONS = [
     ({"prompt": []}, 400),
     ({"prompt": [[1, 2], "mixed"]}, 400),
     ({"prompt": [10**6]}, 400),
+    ({"prompt": [-1]}, 400),
+    ({"prompt": [[3, 4], [2**70]]}, 400),
     ({"prompt": "x", "max_tokens": 100000}, 400),
     ({"prompt": [5] * 600, "max_tokens": 1}, 400),
     ({"prompt": "x", "model": "gpt-4"}, 404),

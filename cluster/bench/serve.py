@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="checkpoint (default: the bundled one, else the benchmark one)")
     p.add_argument("--expert-backend", choices=["ray", "local"], default="ray")
     p.add_argument("--num-shards", type=int, default=None, help="expert shards (default: one per expert)")
+    p.add_argument("--expert-num-cpus", type=float, default=0.5,
+                   help="CPUs reserved per expert replica (the server's and offline's planes run at once)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=None,
                    help="requests per level (default: 2 x concurrency, at least 8)")
@@ -180,16 +182,21 @@ def run(args: argparse.Namespace) -> None:
         argv = ["--model", str(model), "--expert-backend", args.expert_backend,
                 "--router-num-cpus", str(args.threads), "--router-threads", str(args.threads),
                 "--max-num-seqs", str(biggest)]
-        if args.num_shards:
-            argv += ["--num-shards", str(args.num_shards)]
+        options = {}  # the offline LLM's expert plane, as the server's
+        if args.expert_backend == "ray":
+            argv += ["--expert-num-cpus", str(args.expert_num_cpus)]
+            options["num_cpus"] = args.expert_num_cpus
+            if args.num_shards:
+                argv += ["--num-shards", str(args.num_shards)]
+                options["num_shards"] = args.num_shards
         names = deploy(serve_config(parse(argv)))
         url = f"http://127.0.0.1:{http_port()}/v1/completions"
         # Offline: the biggest level's prompts, at most `biggest` running at once, as in the server.
-        options = {"num_shards": args.num_shards} if args.expert_backend == "ray" and args.num_shards else {}
-        llm = LLM(model, expert_backend=args.expert_backend, max_num_seqs=biggest, **options)
         best: dict[int, dict] = {}
         offline = []
+        llm = None
         try:
+            llm = LLM(model, expert_backend=args.expert_backend, max_num_seqs=biggest, **options)
             offline_tps(llm, prompts[biggest][:2], 8)  # warm-ups
             asyncio.run(level(url, prompts[biggest][:2], 2, 8))
             for _ in range(args.rounds):  # interleaved, so that noise from other processes hits both sides
@@ -199,7 +206,8 @@ def run(args: argparse.Namespace) -> None:
                     if c not in best or row["tokens_per_s"] > best[c]["tokens_per_s"]:
                         best[c] = row
         finally:
-            llm.shutdown()
+            if llm is not None:
+                llm.shutdown()
             teardown(names, started_serve=True, started_ray=True)
 
     print(f"\nmodel {model}, experts: {args.expert_backend}, {args.prompt_len}-token prompts, "
