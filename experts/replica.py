@@ -154,7 +154,7 @@ class GrpcServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-@serve.deployment(name="ExpertShard", health_check_period_s=2, health_check_timeout_s=30,
+@serve.deployment(name="ExpertShard", health_check_period_s=5, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5,
                   ray_actor_options={"num_cpus": 1})
 class ExpertShard:
