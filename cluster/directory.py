@@ -79,7 +79,7 @@ class DirectoryClient:
     # --- Registry (replica side) --------------------------------------------------------------
 
     def register(self, entry: dict) -> None:
-        ray.get(self.actor.register.remote(entry))
+        ray.get(self.actor.register.remote(entry), timeout=60)
 
     def deregister(self, app: str, replica_id: str) -> None:
         ray.get(self.actor.deregister.remote(app, replica_id), timeout=5)

@@ -185,7 +185,7 @@ class ExpertShard:
                           pairs=[list(p) for p in pairs], bytes_loaded=ckpt.bytes_loaded, dtype=dtype,
                           max_message_bytes=max_message_bytes)
         self.channel = grpc.insecure_channel(self.server.address)
-        self.ping = self.channel.unary_unary("/raymoe.experts.ExpertService/Info",
+        self.ping = self.channel.unary_unary(f"/{SERVICE}/Info",
                                              request_serializer=expert_pb2.InfoRequest.SerializeToString,
                                              response_deserializer=expert_pb2.InfoResponse.FromString)
         registry.register(self.entry)
@@ -201,6 +201,8 @@ class ExpertShard:
         return dict(self.entry)
 
     def __del__(self):
+        if not hasattr(self, "channel"):  # __init__ failed before the server started
+            return
         try:
             self.registry.deregister(self.app, self.replica_id)
         finally:

@@ -41,6 +41,12 @@ def to_wire(t: torch.Tensor) -> expert_pb2.Tensor:
     return expert_pb2.Tensor(dtype=name, shape=list(t.shape), data=data)
 
 
+def raw_rows(t: torch.Tensor) -> np.ndarray:
+    """t (T, D) as numpy integers of t's item size: its rows' raw bytes, whatever the dtype (bfloat16 too)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.detach().cpu().contiguous().view(ints).numpy()
+
+
 def array_to_wire(a: np.ndarray) -> expert_pb2.Tensor:
     """numpy int32/float32 (the router's small index and weight arrays) without a torch round trip."""
     name = {np.dtype(np.int32): "int32", np.dtype(np.float32): "float32"}.get(a.dtype)

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import torch
 
-from experts.wire import array_to_wire, from_wire, grpc_options, to_wire
+from experts.wire import WIRE_NAMES, array_to_wire, from_wire, grpc_options, raw_rows
 from protos import expert_pb2, expert_pb2_grpc
 from router.dispatch import ExpertBackend
 
@@ -39,7 +39,7 @@ class ReplicaSource(Protocol):
     """Where the router learns replica addresses (the cluster's directory) and reports dead ones."""
 
     def replicas(self) -> list[dict]:
-        """Entries with at least shard, num_shards, replica_id, address, pairs [[layer, expert], ...]."""
+        """Entries with shard, replica_id, address, max_message_bytes and pairs [[layer, expert], ...]."""
 
     def report_dead(self, address: str) -> None: ...
 
@@ -81,7 +81,6 @@ class GrpcExperts(ExpertBackend):
             raise ExpertDispatchError("the replica source lists no expert replicas")
         self.owner = owner_table(entries, n_layers, n_experts)
         self.owner_np = self.owner.numpy()
-        self.num_shards = int(self.owner.max()) + 1
         self.max_message_bytes = max_message_bytes or min(e["max_message_bytes"] for e in entries)
         self.last_compute_ns = 0  # the slowest replica's expert math in the last forward, for benchmarks
         self._loop = asyncio.new_event_loop()
@@ -165,28 +164,30 @@ class GrpcExperts(ExpertBackend):
     # --- scatter / gather -------------------------------------------------------------------------
 
     def requests(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-                 ) -> list[tuple[int, torch.Tensor, expert_pb2.ForwardRequest]]:
+                 ) -> list[tuple[int, np.ndarray, expert_pb2.ForwardRequest]]:
         """(shard, rows, request) per message: the tokens of x bound for each shard touched.
 
-        The small index work runs in numpy: a torch call costs microseconds more than its math here.
+        Index work and row gathers run in numpy, single-threaded: a torch op this small would wake
+        torch's worker threads, asleep after the last gRPC wait, which on a busy CPU costs milliseconds.
         """
         ids = expert_ids.cpu().numpy()  # (T, k)
         w = weights.float().cpu().numpy()  # (T, k)
+        x_raw = raw_rows(x)  # (T, dim) of same-size integers: rows of raw bytes
         shard_of = self.owner_np[layer][ids]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
+        name = WIRE_NAMES[x.dtype]
         out = []
         for s in np.unique(shard_of).tolist():
             here = shard_of == s  # (T, k)
             rows = np.flatnonzero(here.any(axis=1))  # (N,)
             sub_ids = np.where(here, ids, -1)[rows].astype(np.int32)  # (N, k)
             for i in range(0, len(rows), max_rows):
-                sl = slice(i, i + max_rows)
-                rows_t = torch.from_numpy(rows[sl])
-                hidden = x if len(rows_t) == len(x) else x.index_select(0, rows_t)  # (n, dim)
-                out.append((s, rows_t, expert_pb2.ForwardRequest(
-                    layer=layer, hidden=to_wire(hidden), expert_ids=array_to_wire(sub_ids[sl]),
-                    weights=array_to_wire(w[rows[sl]]))))
+                r = rows[i : i + max_rows]
+                hidden = expert_pb2.Tensor(dtype=name, shape=[len(r), x.shape[1]], data=x_raw[r].tobytes())
+                out.append((s, r, expert_pb2.ForwardRequest(
+                    layer=layer, hidden=hidden, expert_ids=array_to_wire(sub_ids[i : i + max_rows]),
+                    weights=array_to_wire(w[r]))))
         return out
 
     async def _gather(self, layer: int, messages: list[tuple[int, expert_pb2.ForwardRequest]]
@@ -234,11 +235,19 @@ class GrpcExperts(ExpertBackend):
                 ) -> torch.Tensor:
         msgs = self.requests(layer, x, expert_ids, weights)
         replies = self.gather(layer, [(s, req) for s, _, req in msgs])
-        self.last_compute_ns = max(r.compute_ns for r in replies)
-        out = torch.zeros_like(x)  # (T, dim)
-        for (_, rows, _), reply in zip(msgs, replies, strict=True):
-            out.index_add_(0, rows, from_wire(reply.output, "output", x.dtype, ndim=2))
-        return out
+        self.last_compute_ns = max((r.compute_ns for r in replies), default=0)
+        outputs = [(rows, from_wire(reply.output, "output", x.dtype, ndim=2))
+                   for (_, rows, _), reply in zip(msgs, replies, strict=True)]
+        np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(x.dtype)
+        if np_dtype is None:  # bfloat16: numpy has none
+            out = torch.zeros_like(x)  # (T, dim)
+            for rows, y in outputs:
+                out.index_add_(0, torch.from_numpy(rows), y)
+            return out
+        out_np = np.zeros(tuple(x.shape), dtype=np_dtype)  # (T, dim), summed in x's dtype
+        for rows, y in outputs:
+            out_np[rows] += y.numpy()  # rows are distinct within a message
+        return torch.from_numpy(out_np)
 
     def close(self) -> None:
         self._stop.set()

@@ -241,6 +241,7 @@ def test_connect_experts_by_app_name(llms, ckpt):
         for layer in range(2):
             want = LocalExperts(c, torch.float32).forward(layer, x, ids, weights)
             assert (backend.forward(layer, x, ids, weights) - want).abs().max() < 1e-5
+        assert backend.forward(0, x[:0], ids[:0], weights[:0]).shape == (0, 64)
     finally:
         backend.close()
     with pytest.raises(ValueError, match="serves \\['float32'\\] experts, this router runs bfloat16"):
