@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-shards", type=int, nargs="+", default=[8, 2],
                    help="expert shards of the ray decode runs, one run each (8: one expert per shard)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--router-threads", type=int, default=1,
+                   help="torch threads of the router while decoding with experts on Ray (their math runs in "
+                        "the replicas; local and HF keep the process default)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed decode runs (the best counts)")
@@ -122,6 +125,14 @@ def best_of_each(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {k: min(v) for k, v in times.items()}
 
 
+def with_threads(n: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run with n torch threads (a router whose experts run elsewhere needs fewer)."""
+    def run() -> object:
+        torch.set_num_threads(n)
+        return fn()
+    return run
+
+
 def bench_decode(args, tmp: Path) -> None:
     from transformers import MixtralForCausalLM
 
@@ -130,6 +141,7 @@ def bench_decode(args, tmp: Path) -> None:
     path = bench_checkpoint(tmp / "bench")
     hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     seqs = max(args.batch_sizes)
+    default_threads = torch.get_num_threads()
     llms = {"local": LLM(path, expert_backend="local", max_num_seqs=seqs)}
     try:
         for shards in args.decode_shards:
@@ -139,7 +151,8 @@ def bench_decode(args, tmp: Path) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         rays = [k for k in llms if k != "local"]
         print(f"\n== decode throughput (tok/s), benchmark checkpoint (hidden 512, 4 layers, 8 experts), "
-              f"{n} new tokens after {args.prompt_len}-token prompts; ray/S: experts in S shards x 1 replica")
+              f"{n} new tokens after {args.prompt_len}-token prompts; ray/S: experts in S shards x 1 replica;"
+              f" torch threads: router {args.router_threads} with ray, {default_threads} for local and HF")
         print(f"{'batch':>5} | " + " ".join(f"{k:>8}" for k in [*rays, "local", "HF"]) + " | "
               + " ".join(f"{k + ' vs local':>16} {'vs HF':>6}" for k in rays))
         with torch.inference_mode():
@@ -149,16 +162,18 @@ def bench_decode(args, tmp: Path) -> None:
                 batch = [{"prompt_token_ids": p} for p in prompts.tolist()]
                 tokens = {k: [o.outputs[0].token_ids for o in llm.generate(batch, params)]
                           for k, llm in llms.items()}
-                fns = {k: (lambda llm=llm, batch=batch: llm.generate(batch, params))
+                fns = {k: with_threads(default_threads if k == "local" else args.router_threads,
+                                       lambda llm=llm, batch=batch: llm.generate(batch, params))
                        for k, llm in llms.items()}
-                fns["HF"] = lambda p=prompts: hf.generate(p, max_new_tokens=n, min_new_tokens=n,
-                                                          do_sample=False, pad_token_id=0)
+                fns["HF"] = with_threads(default_threads, lambda p=prompts: hf.generate(
+                    p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
                 tps = {k: b * n / t for k, t in best_of_each(fns, args.repeats).items()}
                 same = all(tokens[k] == tokens["local"] for k in rays)
                 print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
                       + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
                       + ("" if same else "   (ray and local tokens differ!)"))
     finally:
+        torch.set_num_threads(default_threads)
         for llm in llms.values():
             llm.shutdown()
 
