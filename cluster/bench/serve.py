@@ -105,7 +105,7 @@ def plot(rows: list[dict], offline_tps: float, path: Path, title: str) -> None:
     axes[0].axhline(offline_tps, color="gray", ls="--", label="offline LLM.generate")
     axes[0].set_ylabel("generated tokens / s")
     for ax, key, name in ((axes[1], "ttft", "time to first token (ms)"),
-                          (axes[2], "itl", "inter-token latency (ms)")):
+                          (axes[2], "itl", "inter-token (chunk) latency (ms)")):
         ax.plot(c, [r[f"{key}_p50"] * 1e3 for r in rows], "o-", label="p50")
         ax.plot(c, [r[f"{key}_p99"] * 1e3 for r in rows], "s--", label="p99")
         ax.set_ylabel(name)
