@@ -32,6 +32,7 @@ class AppArgs:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
+    stream_chunks_per_s: float = 200.0  # per router; under load a streamed chunk carries more tokens; 0: off
     api_key: str | None = None  # better given as RAYMOE_API_KEY in the replicas' environment
 
     def __post_init__(self):
@@ -67,4 +68,5 @@ def build_app(args: dict) -> serve.Application:
               if k in ("max_num_seqs", "max_model_len", "max_num_batched_tokens")}
     router = Router.options(num_replicas=a.router_replicas, ray_actor_options={"num_cpus": a.router_num_cpus})
     return router.bind(model, dtype=a.dtype, served_model_name=a.served_model_name, api_key=a.api_key,
-                       experts=experts, engine=engine, torch_threads=a.router_threads)
+                       experts=experts, engine=engine, torch_threads=a.router_threads,
+                       stream_chunks_per_s=a.stream_chunks_per_s)

@@ -39,6 +39,9 @@ def add_app_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences batched per router")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len,
                    help="context limit (default: the model's)")
+    p.add_argument("--stream-chunks-per-s", type=float, default=d.stream_chunks_per_s,
+                   help="streamed chunks per second per router, shared by its open streams: under load each "
+                        "chunk carries several tokens (0: one chunk per engine step, as vLLM)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000)
 
@@ -64,7 +67,8 @@ def app_args(args: argparse.Namespace) -> dict:
                 expert_num_cpus=args.expert_num_cpus, served_model_name=args.served_model_name,
                 router_replicas=args.router_replicas, router_num_cpus=args.router_num_cpus,
                 router_threads=args.router_threads,
-                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                stream_chunks_per_s=args.stream_chunks_per_s)
     return {k: v for k, v in asdict(a).items() if v is not None}
 
 

@@ -76,7 +76,7 @@ class AsyncEngine:
             raise RuntimeError("the engine thread has stopped")
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future = loop.create_future()
-        updates: asyncio.Queue[Update] = asyncio.Queue()
+        updates = Updates()
         base = uuid.uuid4().hex
         ids = [f"{base}-{i}" for i in range(len(subs))]
         self._inbox.put(lambda: self._add(subs, ids, loop, updates, accepted, not stream))
@@ -182,6 +182,19 @@ class AsyncEngine:
                     for sid, s in self._streams.items()})
 
 
+class Updates(asyncio.Queue):
+    """A request's queue of updates that also tells when one of its sequences has finished."""
+
+    def __init__(self):
+        super().__init__()
+        self.finished = asyncio.Event()
+
+    def put_nowait(self, update: Update) -> None:
+        super().put_nowait(update)
+        if update.finish_reason is not None:
+            self.finished.set()
+
+
 def _put_all(items: list[tuple[asyncio.Queue, Update]]) -> None:
     for q, update in items:
         q.put_nowait(update)
@@ -202,7 +215,7 @@ class RequestStream:
 
     engine: AsyncEngine
     seq_ids: list[str]
-    updates: asyncio.Queue
+    updates: Updates
     _open: set[int] = field(default_factory=set)
 
     def __post_init__(self):

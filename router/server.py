@@ -4,11 +4,14 @@
 `Router` deployment owns one of each per replica.
 """
 
+import asyncio
 import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +121,7 @@ class OpenAIServer:
 
     def __init__(self, model: str | Path, *, dtype: str = "float32", served_model_name: str | None = None,
                  experts: ExpertBackend | None = None, api_key: str | None = None,
-                 engine: EngineOptions | None = None):
+                 engine: EngineOptions | None = None, stream_chunks_per_s: float = 0.0):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.path = Path(model)
@@ -138,6 +141,8 @@ class OpenAIServer:
         self.metrics = RouterMetrics(self.name, self.args.n_layers, self.args.n_experts)
         self.runner = AsyncEngine(self.engine, on_step=self.metrics.on_step)
         self.created = now()
+        self.stream_chunks_per_s = stream_chunks_per_s  # 0: a chunk per step, however many streams
+        self.streams = 0  # streaming responses open
         self._token_text: dict[int, str] = {}
         log.info("serving %s as %r: context %d, %d torch threads, experts %s", self.path, self.name,
                  self.max_model_len, torch.get_num_threads(), type(self.experts).__name__)
@@ -187,6 +192,27 @@ class OpenAIServer:
                                              for c in choices], stream)
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from e
+
+    async def paced(self, stream: RequestStream) -> AsyncIterator[list[Update]]:
+        """The stream's batches of updates, each stream at most one per len(streams) / stream_chunks_per_s.
+
+        A streamed chunk costs the same on its way through Serve's proxy whatever it carries, so under load
+        each chunk carries several tokens; a lone stream still gets every step's token at once.
+        """
+        self.streams += 1
+        try:
+            while not stream.done:
+                batch = await stream.next_batch()
+                t = time.monotonic()
+                yield batch
+                if self.stream_chunks_per_s and not stream.done:
+                    wait = self.streams / self.stream_chunks_per_s - (time.monotonic() - t)
+                    if wait > 0:  # a sequence that finishes meanwhile ends the wait: its last chunk goes now
+                        with suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(stream.updates.finished.wait(), wait)
+                        stream.updates.finished.clear()  # its update is queued: the next batch takes it
+        finally:
+            self.streams -= 1
 
     @staticmethod
     def hold_back(params: SamplingParams) -> int:
@@ -244,9 +270,8 @@ class OpenAIServer:
             return sse(CompletionResponse(id=rid, created=created, model=self.name, choices=parts,
                                           usage=usage).model_dump(exclude_none=True))
 
-        async with stream:
-            while not stream.done:
-                batch = await stream.next_batch()
+        async with stream, aclosing(self.paced(stream)) as batches:
+            async for batch in batches:
                 error = next((u.error for u in batch if u.error), None)
                 if error:
                     yield sse({"error": error_body(500, error)})
@@ -340,10 +365,9 @@ class OpenAIServer:
             return sse(ChatCompletionChunk(id=rid, created=created, model=self.name, choices=parts,
                                            usage=usage).model_dump(exclude_none=True))
 
-        async with stream:
+        async with stream, aclosing(self.paced(stream)) as batches:
             yield chunk([ChatChunkChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
-            while not stream.done:
-                batch = await stream.next_batch()
+            async for batch in batches:
                 error = next((u.error for u in batch if u.error), None)
                 if error:
                     yield sse({"error": error_body(500, error)})
@@ -427,7 +451,7 @@ class Router:
 
     def __init__(self, model: str, dtype: str = "float32", served_model_name: str | None = None,
                  api_key: str | None = None, experts=None, engine: dict | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, stream_chunks_per_s: float = 0.0):
         if torch_threads:  # else Ray's default: as many as the replica's CPUs
             torch.set_num_threads(torch_threads)
         backend = None
@@ -439,7 +463,8 @@ class Router:
         self.expert_plane = experts  # kept so the plane's ingress lives as long as this router
         self.server = OpenAIServer(model, dtype=dtype, served_model_name=served_model_name, experts=backend,
                                    api_key=api_key or os.environ.get("RAYMOE_API_KEY"),
-                                   engine=EngineOptions(**(engine or {})))
+                                   engine=EngineOptions(**(engine or {})),
+                                   stream_chunks_per_s=stream_chunks_per_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self.server)
