@@ -14,6 +14,7 @@ from typing import Protocol
 import grpc
 import torch
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ray import serve
 
 from experts.checkpoint import DTYPES, Checkpoint
@@ -144,6 +145,11 @@ class GrpcServer:
     async def _start(servicer: ExpertServicer, host: str, max_message_bytes: int):
         server = grpc.aio.server(options=grpc_options(max_message_bytes))
         servicer.add_to_server(server)
+        # The standard health service, so grpc_health_probe and load balancers can check replicas too.
+        checker = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        for name in ("", SERVICE):
+            await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         return server, port
@@ -185,16 +191,16 @@ class ExpertShard:
                           pairs=[list(p) for p in pairs], bytes_loaded=ckpt.bytes_loaded, dtype=dtype,
                           max_message_bytes=max_message_bytes)
         self.channel = grpc.insecure_channel(self.server.address)
-        self.ping = self.channel.unary_unary(f"/{SERVICE}/Info",
-                                             request_serializer=expert_pb2.InfoRequest.SerializeToString,
-                                             response_deserializer=expert_pb2.InfoResponse.FromString)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
         registry.register(self.entry)
         log.info("shard %d replica %s serves %d experts at %s", shard, self.replica_id, len(pairs),
                  self.server.address)
 
     def check_health(self) -> None:
         """Serve's health check: the gRPC server answers; re-registering heals a router's false alarm."""
-        self.ping(expert_pb2.InfoRequest(), timeout=10)
+        status = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"expert gRPC server at {self.server.address} reports {status}")
         self.registry.register(self.entry)
 
     def info(self) -> dict:

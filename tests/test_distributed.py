@@ -8,6 +8,7 @@ import msgpack
 import pytest
 import ray
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hf_reference import build_checkpoint, hf_greedy, hf_logprobs
 
 from cluster.directory import DirectoryClient, get_directory
@@ -15,7 +16,7 @@ from cluster.experts_app import build_expert_plane, connect_experts
 from cluster.placement import PlacementPlan
 from experts.checkpoint import Checkpoint
 from experts.ffn import ExpertSet
-from experts.replica import ExpertServicer, GrpcServer
+from experts.replica import SERVICE, ExpertServicer, GrpcServer
 from experts.wire import WireError, from_wire, to_wire
 from protos import expert_pb2
 from router import LLM, SamplingParams
@@ -24,7 +25,6 @@ from router.grpc_dispatch import GrpcExperts
 
 PROMPTS = [[1, 5, 9, 33, 2, 7, 100, 4, 18, 3, *range(60, 71)], [3, 4], [90, 91, 92, 93]]
 MAX_MESSAGE = 1 << 20
-SERVICE = "/raymoe.experts.ExpertService/"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def entries(llm: LLM) -> list[dict]:
 
 def rpc(address: str, method: str, response_cls):
     channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
-    return channel.unary_unary(SERVICE + method, request_serializer=lambda b: b,
+    return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
                                response_deserializer=response_cls.FromString)
 
 
@@ -228,6 +228,9 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
         echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=-1).SerializeToString())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     check_still_serving()
+    with grpc.insecure_channel(entry["address"]) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_connect_experts_by_app_name(llms, ckpt):
