@@ -126,6 +126,7 @@ def save_trace(path: str | Path, traces: list[SequenceTrace], model: str) -> Non
     doc = {"model": model, "sequences": [
         {"path": t.path, "token_ids": t.token_ids, "expert_ids": _tensor(t.expert_ids.to(torch.int8)),
          "weights": _tensor(t.weights.float())} for t in traces]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(msgpack.packb(doc, use_bin_type=True))
 
 
@@ -153,7 +154,7 @@ def held_out_bits_per_byte(model: str | Path) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["routing"], help="what to inspect")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF checkpoint directory (default: bundled)")
-    p.add_argument("--trace-out", default="routing_trace.msgpack",
+    p.add_argument("--trace-out", default="runs/routing_trace.msgpack",
                    help="where to save the routing trace (msgpack); '' to skip")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled baseline")
 

@@ -29,7 +29,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models" / "tiny-mixtral"
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 400
+    steps: int = 1200
     batch_size: int = 8
     seq_len: int = 256
     lr: float = 3e-3
@@ -37,7 +37,7 @@ class TrainConfig:
     warmup: int = 30
     weight_decay: float = 0.1
     aux_loss_coef: float = 0.02
-    eval_every: int = 40
+    eval_every: int = 100
     eval_tokens: int = 4096
     max_files: int | None = None  # first N training files only (quick runs)
     vocab_size: int = 4096
