@@ -129,6 +129,8 @@ def test_small_training_run_learns_and_exports_a_loadable_checkpoint(tmp_path):
                       max_files=6, vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=32,
                       sliding_window=16, max_position_embeddings=512, dtype="float32")
     summary = train(cfg, tmp_path)
+    train(TrainConfig(**vars(cfg)), tmp_path / "again")  # the same seed gives the same weights
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
     ce = summary["history"]["train_ce"]
     assert sum(ce[-4:]) / 4 < ce[0] - 0.5
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
