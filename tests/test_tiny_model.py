@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from hf_reference import hf_logprobs
 
-from router import LLM
+from router import LLM, SamplingParams
 from router.bpe import BOS_ID, EOS_ID
 from router.corpus import HELD_OUT, split, stdlib_files
 from router.routing_report import (
@@ -41,11 +42,6 @@ def hf_model(path):
     from transformers import MixtralForCausalLM
 
     return MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-@torch.no_grad()
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +164,18 @@ def test_trace_round_trips_through_msgpack(tmp_path):
     (back,) = load_trace(tmp_path / "t.msgpack")
     assert back.path == "a.py" and back.token_ids == [1, 5, 9]
     assert torch.equal(back.expert_ids, t.expert_ids) and torch.equal(back.weights, t.weights)
+
+
+def test_text_prompts_text_outputs_and_stop_strings(bundled):
+    llm = bundled[0]
+    prompt = "def fibonacci(n):\n"
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))[0]
+    assert out.prompt == prompt and out.prompt_token_ids == llm.tokenizer.encode(prompt)
+    assert out.prompt_token_ids[0] == 1  # <s>
+    text = out.outputs[0].text
+    assert text == llm.tokenizer.decode(out.outputs[0].token_ids) and text.strip()
+    # Stopping at a string: the text ends just before it and generation stops at that token.
+    stop = text.strip()[len(text.strip()) // 2 :][:3]
+    stopped = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=40, stop=[stop]))[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.find(stop)]
+    assert len(stopped.token_ids) < len(out.outputs[0].token_ids)
