@@ -5,47 +5,89 @@ from experts.checkpoint import Checkpoint
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) with w1 and w3 stacked into one (2I, dim) matmul. x (N, dim) -> (N, dim)"""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    """w2(silu(w1 x) * w3 x), weights input-major with w1 and w3 side by side in one matmul.
+
+    x (..., M, dim), w13 (..., dim, 2I), w2 (..., I, dim) -> (..., M, dim); a leading expert axis
+    runs many experts as one batched matmul.
+    """
+    gate, up = (x @ w13).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w2
 
 
 class ExpertSet:
-    """The weights of some (layer, expert) pairs, and their weighted top-k sum over a token batch."""
+    """The weights of some (layer, expert) pairs, stacked per layer, and their weighted top-k sum.
 
-    def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]):
-        self.weights = weights  # (layer, expert) -> (w13 (2I, dim), w2 (dim, I))
+    Weights are kept input-major, (E_l, dim, 2I) and (E_l, I, dim), the transpose of nn.Linear's:
+    for the few rows an expert sees while decoding, MKL streams this layout up to twice as fast.
+    """
+
+    def __init__(self, layers: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]], n_experts: int):
+        self.layers = layers  # layer -> (expert ids held, w13 (E_l, dim, 2I), w2 (E_l, I, dim))
+        self.n_experts = n_experts
+        # layer -> (1 + n_experts,) local index of each expert id + 1, -1 where not held (id -1: none)
+        self.local = {}
+        for layer, (held, _, _) in layers.items():
+            lut = torch.full((n_experts + 1,), -1, dtype=torch.long)
+            lut[torch.tensor(held) + 1] = torch.arange(len(held))
+            self.local[layer] = lut
 
     @classmethod
     def load(cls, ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype) -> "ExpertSet":
-        weights = {}
-        for layer, e in pairs:
-            w1, w2, w3 = ckpt.expert(layer, e, dtype)
-            weights[(layer, e)] = (torch.cat((w1, w3)), w2)
-        return cls(weights)
+        by_layer: dict[int, list[int]] = {}
+        for layer, e in sorted(pairs):
+            by_layer.setdefault(layer, []).append(e)
+        layers = {}
+        for layer, held in by_layer.items():
+            w13, w2 = [], []
+            for e in held:
+                w1, w2_e, w3 = ckpt.expert(layer, e, dtype)
+                w13.append(torch.cat((w1, w3)).T)
+                w2.append(w2_e.T)
+            layers[layer] = (held, torch.stack(w13), torch.stack(w2))
+        return cls(layers, ckpt.args.n_experts)
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(layer, e) for layer, (held, _, _) in self.layers.items() for e in held]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.weights.values() for t in pair)
+        return sum(t.numel() * t.element_size() for _, w13, w2 in self.layers.values() for t in (w13, w2))
+
+    def to(self, device: torch.device) -> "ExpertSet":
+        layers = {l: (held, w13.to(device), w2.to(device)) for l, (held, w13, w2) in self.layers.items()}
+        return ExpertSet(layers, self.n_experts)
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, dim), expert_ids (T, k) (-1: not routed here), weights (T, k) -> (T, dim).
 
-        Each expert runs once, as one batched matmul over all the tokens routed to it.
+        Each expert runs once over all its tokens. When every held expert has tokens and padding
+        them to equal counts at most doubles the rows, all run as one batched matmul instead.
         """
-        k = expert_ids.shape[1]
+        held, w13, w2 = self.layers[layer]
+        T, k = expert_ids.shape
+        local = self.local[layer].to(x.device)[expert_ids.flatten() + 1]  # (T k,) -1: not here
+        order = local.argsort(stable=True)
+        counts = torch.bincount(local + 1, minlength=len(held) + 1).tolist()
+        order = order[counts[0] :]  # drop the slots routed elsewhere
+        counts = counts[1:]
+        tokens, w = order // k, weights.flatten()[order, None].to(x.dtype)  # (n,), (n, 1)
         out = torch.zeros_like(x)
-        flat_ids, order = expert_ids.flatten().sort(stable=True)
-        flat_w = weights.flatten()[order]
-        ids, counts = torch.unique_consecutive(flat_ids, return_counts=True)
+        n, m = len(order), max(counts)
+        if n == 0:
+            return out
+        if min(counts) > 0 and len(held) * m <= 2 * n:
+            group = local[order]  # (n,) local expert of each slot, ascending
+            starts = torch.tensor([0, *counts[:-1]], device=x.device).cumsum(0)
+            row = torch.arange(n, device=x.device) - starts[group]
+            xs = x.new_zeros(len(held), m, x.shape[1])
+            xs[group, row] = x[tokens]
+            out.index_add_(0, tokens, swiglu(xs, w13, w2)[group, row] * w)  # (E_l, m, dim) -> (n, dim)
+            return out
         start = 0
-        for e, n in zip(ids.tolist(), counts.tolist(), strict=True):
-            sl = slice(start, start + n)
-            start += n
-            if e < 0:
-                continue
-            w13, w2 = self.weights[(layer, e)]
-            tokens = order[sl] // k
-            y = swiglu(x[tokens], w13, w2) * flat_w[sl, None].to(x.dtype)
-            out.index_add_(0, tokens, y)
+        for j, c in enumerate(counts):
+            if c:
+                sl = slice(start, start + c)
+                out.index_add_(0, tokens[sl], swiglu(x[tokens[sl]], w13[j], w2[j]) * w[sl])
+                start += c
         return out

@@ -51,7 +51,7 @@ class ExpertServicer:
         self.max_message_bytes, self.info, self.device = max_message_bytes, info, device
         # layer -> (1 + n_experts,) bool, indexed by expert id + 1: may a token name it here (-1: none)
         self.allowed: dict[int, torch.Tensor] = {}
-        for layer, e in experts.weights:
+        for layer, e in experts.pairs:
             self.allowed.setdefault(layer, torch.tensor([True] + [False] * n_experts))[e + 1] = True
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -176,10 +176,9 @@ class ExpertShard:
         ckpt = Checkpoint(model)
         a = ckpt.args
         pairs = [(int(l), int(e)) for l, e in pairs]
-        experts = ExpertSet.load(ckpt, pairs, DTYPES[dtype])
         # A replica given a GPU keeps its weights there; the wire stays host memory.
         device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        experts.weights = {k: tuple(t.to(device) for t in ws) for k, ws in experts.weights.items()}
+        experts = ExpertSet.load(ckpt, pairs, DTYPES[dtype]).to(device)
         info = expert_pb2.InfoResponse(
             app=self.app, shard=shard, replica_id=self.replica_id,
             pairs=[expert_pb2.Pair(layer=l, expert=e) for l, e in pairs], bytes_loaded=ckpt.bytes_loaded,

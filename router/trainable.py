@@ -45,7 +45,7 @@ class TrainableMixtral(nn.Module):
         self.args = args
         self.core = RouterModel(args)
         L, E, I, D = args.n_layers, args.n_experts, args.hidden_dim, args.dim
-        self.w13 = nn.Parameter(torch.empty(L, E, 2 * I, D))  # w1 then w3, as swiglu() expects
+        self.w13 = nn.Parameter(torch.empty(L, E, 2 * I, D))  # w1 then w3, out-major as checkpoints store them
         self.w2 = nn.Parameter(torch.empty(L, E, D, I))
 
     def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
@@ -94,7 +94,7 @@ class TrainableMixtral(nn.Module):
         order = flat.argsort(stable=True)  # (N k,)
         counts = torch.bincount(flat, minlength=self.args.n_experts).tolist()
         xs = x[order // k].split(counts)
-        ys = torch.cat([swiglu(c, self.w13[layer, e], self.w2[layer, e]) for e, c in enumerate(xs)])  # (N k, D)
+        ys = torch.cat([swiglu(c, self.w13[layer, e].T, self.w2[layer, e].T) for e, c in enumerate(xs)])  # (N k, D)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order))
         return (ys[inverse].view(N, k, -1) * weights[..., None].to(x.dtype)).sum(1)
