@@ -40,15 +40,16 @@ def ensure_serve() -> bool:
     return True
 
 
-def remove_plane(app_name: str, started_serve: bool, started_ray: bool) -> None:
-    """Delete the expert plane's app and directory entries, then Serve and Ray if we started them."""
+def remove_apps(names: list[str], started_serve: bool, started_ray: bool) -> None:
+    """Delete Serve apps and their directory entries, then Serve and Ray if we started them."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         return
-    serve.delete(app_name)
-    DirectoryClient(app_name).remove_app()
+    for name in names:
+        serve.delete(name)
+        DirectoryClient(name).remove_app()
     if started_serve:
         serve.shutdown()
     if started_ray:
@@ -68,7 +69,7 @@ class RayExperts(ExpertBackend):
 
     def close(self) -> None:
         self.backend.close()
-        remove_plane(self.app_name, self.started_serve, self.started_ray)
+        remove_apps([self.app_name], self.started_serve, self.started_ray)
 
 
 def ray_expert_backend(ckpt: Checkpoint, dtype: torch.dtype, *, num_shards: int | None = None,
@@ -93,5 +94,5 @@ def ray_expert_backend(ckpt: Checkpoint, dtype: torch.dtype, *, num_shards: int 
         log.info("expert plane %r is up", name)
         return RayExperts(connect_experts(ckpt, dtype, name), name, started_serve, started_ray)
     except BaseException:
-        remove_plane(name, started_serve, started_ray)
+        remove_apps([name], started_serve, started_ray)
         raise

@@ -9,6 +9,7 @@ import sys
 import threading
 
 from cluster.app import AppArgs
+from cluster.bringup import remove_apps
 from cluster.serve_config import add_app_arguments, serve_config
 from experts.checkpoint import Checkpoint, CheckpointError
 
@@ -91,20 +92,5 @@ def run(args: argparse.Namespace) -> int:
             pass
     finally:
         print("\nshutting down", flush=True)
-        teardown(names, started_serve, started_ray)
+        remove_apps(names, started_serve, started_ray)
     return 0
-
-
-def teardown(names: list[str], started_serve: bool, started_ray: bool) -> None:
-    import ray
-    from ray import serve
-
-    from cluster.directory import DirectoryClient
-
-    for name in names:
-        serve.delete(name)
-        DirectoryClient(name).remove_app()
-    if started_serve:
-        serve.shutdown()
-    if started_ray:
-        ray.shutdown()

@@ -249,11 +249,7 @@ class OpenAIServer:
         if req.stream:
             return StreamingResponse(self.completion_stream(req, choices, params, stream, rid, created),
                                      media_type="text/event-stream")
-        async with stream:
-            while not stream.done:
-                for u in await stream.next_batch():
-                    self.raise_engine_error(u)
-                    choices[u.index].apply(u)
+        await self.drain(stream, choices)
         out = []
         for i, c in enumerate(choices):
             lp = self.completion_logprobs(c, req.echo, 0) if req.logprobs is not None else None
@@ -308,6 +304,14 @@ class OpenAIServer:
         if u.error:
             raise APIError(500, u.error)
 
+    async def drain(self, stream, choices: list[_Choice]) -> None:
+        """A non-streaming request: apply its updates until every sequence has finished."""
+        async with stream:
+            while not stream.done:
+                for u in await stream.next_batch():
+                    self.raise_engine_error(u)
+                    choices[u.index].apply(u)
+
     # --- /v1/chat/completions ----------------------------------------------------------------
 
     def chat_logprobs(self, c: _Choice, start: int, n_top: int) -> ChatLogprobs:
@@ -346,11 +350,7 @@ class OpenAIServer:
         if req.stream:
             return StreamingResponse(self.chat_stream(req, choice, params, stream, rid, created),
                                      media_type="text/event-stream")
-        async with stream:
-            while not stream.done:
-                for u in await stream.next_batch():
-                    self.raise_engine_error(u)
-                    choice.apply(u)
+        await self.drain(stream, [choice])
         lp = self.chat_logprobs(choice, 0, req.top_logprobs or 0) if req.logprobs else None
         return ChatCompletionResponse(
             id=rid, created=created, model=self.name, usage=self.usage([choice]),

@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> None:
     from ray import serve
 
     from cluster.bench.common import bench_checkpoint
-    from cluster.serve import deploy, http_port, teardown
+    from cluster.bringup import remove_apps
+    from cluster.serve import deploy, http_port
     from cluster.serve_config import parse, serve_config
     from experts.checkpoint import Checkpoint
     from router import LLM
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> None:
         finally:
             if llm is not None:
                 llm.shutdown()
-            teardown(names, started_serve=True, started_ray=True)
+            remove_apps(names, started_serve=True, started_ray=True)
 
     print(f"\nmodel {model}, experts: {args.expert_backend}, {args.prompt_len}-token prompts, "
           f"{args.max_tokens} new tokens each, torch threads {args.threads}")
