@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import os
 import shlex
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from cluster.serve_config import parse, serve_config, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
-CRDS = Path("/work/shared/kuberay-crds")
+# The project's shared/ folder sits beside the checkout (here and in CI); RAYMOE_KUBERAY_CRDS overrides.
+CRDS = next((p for p in (Path(os.environ.get("RAYMOE_KUBERAY_CRDS", "")), REPO.parent / "shared" / "kuberay-crds",
+                         Path("/work/shared/kuberay-crds")) if (p / "ray.io_rayservices.yaml").is_file()),
+            REPO.parent / "shared" / "kuberay-crds")
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 
 
