@@ -30,8 +30,11 @@ def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-@torch.no_grad()
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         pad_token_id=0, eos_token_id=None)
-    return out[0, len(ids):].tolist()
+def hf_greedy_oracle(model, prompt: list[int], generated: list[int]) -> bool:
+    """Is every generated token the reference's argmax given everything before it?
+
+    The reference is the cache-free full forward: transformers' own generate() disagrees with that
+    forward when a prompt is longer than the sliding window, so it is no oracle there.
+    """
+    rows = hf_logprobs(model, prompt + generated)[len(prompt) - 1 : -1]  # each row predicts one generated token
+    return rows.argmax(-1).tolist() == generated

@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hf_reference import build_checkpoint, hf_greedy, hf_logprobs
+from hf_reference import build_checkpoint, hf_greedy_oracle, hf_logprobs
 
 from cluster.directory import DirectoryClient, get_directory
 from cluster.experts_app import build_expert_plane, connect_experts
@@ -164,7 +164,7 @@ def test_greedy_decode_matches_local_and_hf(llms, ckpt):
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)  # far past the window of 16
     ours = [o.outputs[0].token_ids for o in distributed.generate(PROMPTS, params)]
     assert ours == [o.outputs[0].token_ids for o in local.generate(PROMPTS, params)]
-    assert ours == [hf_greedy(ckpt[1], ids, 40) for ids in PROMPTS]
+    assert all(hf_greedy_oracle(ckpt[1], ids, gen) for ids, gen in zip(PROMPTS, ours, strict=True))
 
 
 def test_replicas_hold_only_their_share(llms, ckpt):
