@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ray import serve
 
-from cluster.paths import REPO
 from experts.checkpoint import DTYPES
+from router.bundled import REPO
 from router.server import Router
 
 BACKENDS = ("ray", "local")

@@ -3,12 +3,12 @@
 import argparse
 import time
 
-from cluster.paths import DEFAULT_MODEL
+from router.bundled import BUNDLED_MODEL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", default=["def fibonacci(n):", "import os\n"], help="prompt texts")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF checkpoint directory (default: bundled)")
+    p.add_argument("--model", default=str(BUNDLED_MODEL), help="HF checkpoint directory (default: bundled)")
     p.add_argument("--expert-backend", choices=["local", "ray"], default="local")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-tokens", type=int, default=64)

@@ -5,6 +5,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -42,6 +43,13 @@ def deploy(cfg: dict, api_key: str | None = None) -> list[str]:
         serve.run(built, name=app["name"], route_prefix=app.get("route_prefix", "/"))
         names.append(app["name"])
     return names
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def http_port() -> int:

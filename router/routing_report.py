@@ -16,10 +16,9 @@ import msgpack
 import torch
 
 from router import corpus
+from router.bundled import BUNDLED_MODEL
 from router.dispatch import ExpertBackend
 from router.llm import LLM
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-mixtral"
 
 
 class RecordingExperts(ExpertBackend):
@@ -153,7 +152,7 @@ def held_out_bits_per_byte(model: str | Path) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["routing"], help="what to inspect")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF checkpoint directory (default: bundled)")
+    p.add_argument("--model", default=str(BUNDLED_MODEL), help="HF checkpoint directory (default: bundled)")
     p.add_argument("--trace-out", default="runs/routing_trace.msgpack",
                    help="where to save the routing trace (msgpack); '' to skip")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled baseline")

@@ -20,10 +20,10 @@ from tqdm import tqdm
 from experts.args import ModelArgs
 from router import corpus
 from router.bpe import BOS_ID, EOS_ID, tokenizer_config, train_bpe
+from router.bundled import BUNDLED_MODEL
 from router.trainable import TrainableMixtral, hf_config, load_balancing_loss
 
 log = logging.getLogger(__name__)
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models" / "tiny-mixtral"
 
 
 @dataclass
@@ -63,7 +63,7 @@ class TrainConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint directory to write (default: the bundled one)")
+    p.add_argument("--out", default=str(BUNDLED_MODEL), help="checkpoint directory to write (default: the bundled one)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (one wastes least on a busy machine; results may differ with more)")
     for name, value in asdict(d).items():

@@ -1,23 +1,10 @@
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_http_port() -> int:
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client().http_config.port
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +20,10 @@ def ray_session():
              _system_config={"metrics_report_interval_ms": 1000})  # metrics tests need not wait 10 s
     from ray import serve
 
+    from cluster.serve import free_port
+
     # Serve starts here, with its HTTP proxy on a free port, so whichever test deploys first cannot
-    # start it without one (Serve's options are fixed for its life); get the port from serve_http_port().
+    # start it without one (Serve's options are fixed for its life); get the port from cluster.serve.http_port().
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     yield ray
     serve.shutdown()

@@ -15,10 +15,9 @@ import urllib.request
 import openai
 import pytest
 import torch
-from conftest import serve_http_port
 from hf_reference import build_checkpoint
 
-from cluster.serve import deploy
+from cluster.serve import deploy, http_port
 from cluster.serve_config import parse, serve_config
 
 MODEL = "tiny"
@@ -77,7 +76,7 @@ def server(ray_session, checkpoints):
                    "--router-num-cpus", "0.5")
     keyed["applications"][0].update(name="raymoe-keyed", route_prefix="/keyed")
     names = deploy(main) + deploy(keyed, api_key=KEY)
-    base = f"http://127.0.0.1:{serve_http_port()}"
+    base = f"http://127.0.0.1:{http_port()}"
     yield {"main": base, "keyed": f"{base}/keyed", "model": chat}
     for name in names:
         serve.delete(name)

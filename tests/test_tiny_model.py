@@ -8,6 +8,7 @@ from hf_reference import hf_logprobs
 
 from router import LLM, SamplingParams
 from router.bpe import BOS_ID, EOS_ID
+from router.bundled import BUNDLED_MODEL
 from router.corpus import HELD_OUT, split, stdlib_files
 from router.routing_report import (
     SequenceTrace,
@@ -18,7 +19,7 @@ from router.routing_report import (
     save_trace,
     trace_texts,
 )
-from router.train import DEFAULT_OUT, TrainConfig, train
+from router.train import TrainConfig, train
 from router.trainable import load_balancing_loss, window_mask
 
 SOURCE = '''import os
@@ -46,21 +47,21 @@ def hf_model(path):
 
 @pytest.fixture(scope="module")
 def bundled():
-    llm = LLM(DEFAULT_OUT, expert_backend="local", dtype="float32")
-    yield llm, hf_model(DEFAULT_OUT)
+    llm = LLM(BUNDLED_MODEL, expert_backend="local", dtype="float32")
+    yield llm, hf_model(BUNDLED_MODEL)
     llm.shutdown()
 
 
 def test_bundled_checkpoint_layout_and_config():
-    files = {p.name for p in DEFAULT_OUT.iterdir()}
+    files = {p.name for p in BUNDLED_MODEL.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
-    assert sum(p.stat().st_size for p in DEFAULT_OUT.iterdir()) <= 16 * 2**20
-    cfg = json.loads((DEFAULT_OUT / "config.json").read_text())
+    assert sum(p.stat().st_size for p in BUNDLED_MODEL.iterdir()) <= 16 * 2**20
+    cfg = json.loads((BUNDLED_MODEL / "config.json").read_text())
     assert cfg["model_type"] == "mixtral"
     assert cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 2
     assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]  # grouped-query attention
     assert cfg["sliding_window"] and cfg["sliding_window"] < cfg["max_position_embeddings"]
-    gen = json.loads((DEFAULT_OUT / "generation_config.json").read_text())
+    gen = json.loads((BUNDLED_MODEL / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (BOS_ID, EOS_ID) == (cfg["bos_token_id"], cfg["eos_token_id"])
 
 

@@ -9,12 +9,11 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.paths import DEFAULT_MODEL
+from router.bundled import BUNDLED_MODEL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,12 +86,6 @@ async def level(url: str, prompts: list[list[int]], concurrency: int, max_tokens
         return results, time.perf_counter() - t
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def plot(rows: list[dict], offline_tps: float, path: Path, title: str) -> None:
     import matplotlib
 
@@ -159,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
 
     from cluster.bench.common import bench_checkpoint
     from cluster.bringup import remove_apps
-    from cluster.serve import deploy, http_port
+    from cluster.serve import deploy, free_port, http_port
     from cluster.serve_config import parse, serve_config
     from experts.checkpoint import Checkpoint
     from router import LLM
@@ -167,8 +160,8 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            bundled = (DEFAULT_MODEL / "config.json").is_file()
-            model = DEFAULT_MODEL if bundled else bench_checkpoint(Path(tmp) / "bench")
+            bundled = (BUNDLED_MODEL / "config.json").is_file()
+            model = BUNDLED_MODEL if bundled else bench_checkpoint(Path(tmp) / "bench")
         vocab = Checkpoint(model).args.vocab_size
         biggest = max(args.concurrency)
         g = torch.Generator().manual_seed(0)
