@@ -26,10 +26,10 @@ class ExpertSet:
         self.n_experts = n_experts
         # layer -> (1 + n_experts,) local index of each expert id + 1, -1 where not held (id -1: none)
         self.local = {}
-        for layer, (held, _, _) in layers.items():
+        for layer, (held, w13, _) in layers.items():
             lut = torch.full((n_experts + 1,), -1, dtype=torch.long)
             lut[torch.tensor(held) + 1] = torch.arange(len(held))
-            self.local[layer] = lut
+            self.local[layer] = lut.to(w13.device)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype) -> "ExpertSet":
@@ -66,7 +66,7 @@ class ExpertSet:
         """
         held, w13, w2 = self.layers[layer]
         T, k = expert_ids.shape
-        local = self.local[layer].to(x.device)[expert_ids.flatten() + 1]  # (T k,) -1: not here
+        local = self.local[layer][expert_ids.flatten() + 1]  # (T k,) -1: not here
         order = local.argsort(stable=True)
         counts = torch.bincount(local + 1, minlength=len(held) + 1).tolist()
         order = order[counts[0] :]  # drop the slots routed elsewhere
