@@ -1,72 +1,76 @@
-"""The Serve application builder that raymoe's config names (`import_path: cluster.app:build_app`).
+"""The Serve application raymoe's config names (`import_path: cluster.app:build_app`): the `Router`
+ingress deployment, bound to the expert plane's deployments.
 
-Serve calls `build_app(args)` with the config's `args` mapping, locally (`raymoe serve`) and on
-KubeRay (the RayService's serveConfigV2) alike.
+Serve calls `build_app(args)` with the config's flat `args` mapping, locally (`raymoe serve`) and on
+KubeRay (the RayService's serveConfigV2) alike; the args are the fields of the settings dataclasses.
 """
 
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+import os
 
+import torch
+from fastapi import FastAPI
 from ray import serve
 
-from experts.checkpoint import DTYPES
-from router.bundled import REPO
-from router.server import Router
+from checkpoint.args import parse_dtype
+from checkpoint.bundled import resolve_model
+from checkpoint.reader import Checkpoint
+from cluster.expert_plane import build_expert_plane, connect_experts
+from router.config import EngineConfig, ExpertPlaneConfig, split_settings
+from server.api import OpenAIServer, build_fastapi
+from server.config import ServerConfig
 
-BACKENDS = ("ray", "local")
+
+@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1}, health_check_period_s=5)
+@serve.ingress()
+class Router:
+    """The Serve ingress: one engine per replica; experts in-process or behind the expert plane.
+
+    expert_plane: the expert plane's ingress (bound by `build_app`); None runs every expert in this replica.
+    """
+
+    def __init__(self, engine: EngineConfig, plane: ExpertPlaneConfig, server: ServerConfig, expert_plane=None):
+        if server.router_threads:  # else Ray's default: as many as the replica's CPUs
+            torch.set_num_threads(server.router_threads)
+        backend = None
+        if expert_plane is not None:
+            backend = connect_experts(Checkpoint(resolve_model(engine.model)), parse_dtype(engine.dtype),
+                                      app_name=serve.get_replica_context().app_name,
+                                      call_timeout_s=plane.call_timeout_s)
+        self.expert_plane = expert_plane  # kept so the plane's ingress lives as long as this router
+        if server.api_key is None and os.environ.get("RAYMOE_API_KEY"):
+            server = ServerConfig(**{**vars(server), "api_key": os.environ["RAYMOE_API_KEY"]})
+        self.server = OpenAIServer(engine, server, backend)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_fastapi(self.server)
+
+    def check_health(self) -> None:
+        if not self.server.runner.alive:
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self):
+        server = getattr(self, "server", None)  # absent when __init__ failed
+        if server is not None:
+            server.close()
 
 
-@dataclass
-class AppArgs:
-    model: str = "models/tiny-mixtral"  # relative paths are resolved against the installed repo
-    dtype: str = "float32"
-    expert_backend: str = "ray"  # ray: every expert shard its own Serve deployment; local: in the router
-    served_model_name: str | None = None  # default: the model directory's name
-    num_shards: int | None = None  # default: one shard per expert index (expert-parallel)
-    replicas_per_shard: int = 1
-    num_gpus: float = 0.0  # per expert replica
-    expert_num_cpus: float | None = None  # per expert replica; default 1 (0.1 with GPUs)
-    router_replicas: int = 1
-    router_num_cpus: float = 1.0
-    router_threads: int | None = None  # torch threads per router replica (default: its CPUs, as Ray sets)
-    max_num_seqs: int = 64
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048
-    stream_chunks_per_s: float = 200.0  # per router; under load a streamed chunk carries more tokens; 0: off
-    api_key: str | None = None  # better given as RAYMOE_API_KEY in the replicas' environment
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.expert_backend not in BACKENDS:
-            raise ValueError(f"expert_backend must be one of {BACKENDS}, got {self.expert_backend!r}")
-        if self.router_replicas < 1 or self.replicas_per_shard < 1:
-            raise ValueError("router_replicas and replicas_per_shard must be >= 1")
-
-    @classmethod
-    def from_dict(cls, args: dict) -> "AppArgs":
-        unknown = sorted(set(args) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown raymoe app args {unknown}; known: {[f.name for f in fields(cls)]}")
-        return cls(**args)
-
-    def model_path(self) -> Path:
-        p = Path(self.model).expanduser()
-        return p if p.is_absolute() else REPO / p
+def settings_from_args(args: dict) -> tuple[EngineConfig, ExpertPlaneConfig, ServerConfig]:
+    """The application's flat args as the three settings dataclasses (unknown names: ValueError)."""
+    try:
+        engine, plane, server = split_settings(args, EngineConfig, ExpertPlaneConfig, ServerConfig)
+    except TypeError as e:
+        raise ValueError(f"raymoe app args: {e}") from None
+    return EngineConfig(**engine), ExpertPlaneConfig(**plane), ServerConfig(**server)
 
 
 def build_app(args: dict) -> serve.Application:
-    a = AppArgs.from_dict(args)
-    model = str(a.model_path())
-    experts = None
-    if a.expert_backend == "ray":
-        from cluster.experts_app import build_expert_plane
-
-        experts = build_expert_plane(model, a.dtype, a.num_shards, a.replicas_per_shard, a.num_gpus,
-                                     num_cpus=a.expert_num_cpus)
-    engine = {k: v for k, v in asdict(a).items()
-              if k in ("max_num_seqs", "max_model_len", "max_num_batched_tokens")}
-    router = Router.options(num_replicas=a.router_replicas, ray_actor_options={"num_cpus": a.router_num_cpus})
-    return router.bind(model, dtype=a.dtype, served_model_name=a.served_model_name, api_key=a.api_key,
-                       experts=experts, engine=engine, torch_threads=a.router_threads,
-                       stream_chunks_per_s=a.stream_chunks_per_s)
+    engine, plane, server = settings_from_args(args)
+    model = str(resolve_model(engine.model))
+    engine = EngineConfig(**{**vars(engine), "model": model})
+    expert_plane = None
+    if plane.expert_backend == "ray":
+        expert_plane = build_expert_plane(model, engine.dtype, plane,
+                                          reserved_cpus=server.router_replicas * server.router_num_cpus)
+    router = Router.options(num_replicas=server.router_replicas,
+                            ray_actor_options={"num_cpus": server.router_num_cpus})
+    return router.bind(engine, plane, server, expert_plane)

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from experts.checkpoint import Checkpoint
+from checkpoint.reader import Checkpoint
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,13 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ray import serve
 
-from experts.checkpoint import DTYPES, Checkpoint
+from checkpoint.args import parse_dtype
+from checkpoint.reader import Checkpoint
 from experts.ffn import ExpertSet
 from experts.wire import WIRE_NAMES, WireError, from_wire, grpc_options, to_wire
 from protos import expert_pb2
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # 2048 tokens of dim 4096 in float32 is 32 MiB
 
 
 class Registry(Protocol):
@@ -167,7 +166,7 @@ class ExpertShard:
     """Holds the weights of one shard's (layer, expert) pairs, read from the checkpoint one by one."""
 
     def __init__(self, model: str, dtype: str, shard: int, pairs: list[tuple[int, int]], num_shards: int,
-                 registry: Registry, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 registry: Registry, max_message_bytes: int):
         import ray
 
         ctx = serve.get_replica_context()
@@ -176,14 +175,15 @@ class ExpertShard:
         ckpt = Checkpoint(model)
         a = ckpt.args
         pairs = [(int(l), int(e)) for l, e in pairs]
+        torch_dtype = parse_dtype(dtype)
         # A replica given a GPU keeps its weights there; the wire stays host memory.
         device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        experts = ExpertSet.load(ckpt, pairs, DTYPES[dtype]).to(device)
+        experts = ExpertSet.load(ckpt, pairs, torch_dtype).to(device)
         info = expert_pb2.InfoResponse(
             app=self.app, shard=shard, replica_id=self.replica_id,
             pairs=[expert_pb2.Pair(layer=l, expert=e) for l, e in pairs], bytes_loaded=ckpt.bytes_loaded,
-            max_message_bytes=max_message_bytes, dtype=WIRE_NAMES[DTYPES[dtype]], dim=a.dim)
-        servicer = ExpertServicer(experts, a.dim, a.n_experts, DTYPES[dtype], max_message_bytes, info, device)
+            max_message_bytes=max_message_bytes, dtype=WIRE_NAMES[torch_dtype], dim=a.dim)
+        servicer = ExpertServicer(experts, a.dim, a.n_experts, torch_dtype, max_message_bytes, info, device)
         self.server = GrpcServer(servicer, ray.util.get_node_ip_address(), max_message_bytes)
         self.entry = dict(app=self.app, shard=shard, num_shards=num_shards, replica_id=self.replica_id,
                           address=self.server.address, actor_name=ray.get_runtime_context().get_actor_name(),

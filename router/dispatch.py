@@ -1,11 +1,16 @@
-"""The one interface between the router and wherever the experts run."""
+"""The one interface between the router and wherever the experts run, and how a backend is chosen."""
 
 from abc import ABC, abstractmethod
+from importlib.metadata import entry_points
 
 import torch
 
-from experts.checkpoint import Checkpoint
+from checkpoint.reader import Checkpoint
 from experts.ffn import ExpertSet
+from router.config import ExpertPlaneConfig
+
+# Backends other than "local" plug in here (pyproject's entry points), so that the core names no layer above it.
+ENTRY_POINT_GROUP = "raymoe.expert_backends"
 
 
 class ExpertBackend(ABC):
@@ -26,3 +31,16 @@ class LocalExperts(ExpertBackend):
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.experts.forward(layer, x, expert_ids, weights)
+
+
+def make_expert_backend(plane: ExpertPlaneConfig, ckpt: Checkpoint, dtype: torch.dtype) -> ExpertBackend:
+    """The backend `plane.expert_backend` names: "local", or one registered under ENTRY_POINT_GROUP
+    (raymoe's cluster layer registers "ray"), called as factory(plane, ckpt, dtype)."""
+    if plane.expert_backend == "local":
+        return LocalExperts(ckpt, dtype)
+    found = entry_points(group=ENTRY_POINT_GROUP, name=plane.expert_backend)
+    if not found:
+        names = sorted({"local", *(e.name for e in entry_points(group=ENTRY_POINT_GROUP))})
+        raise ValueError(f"unknown expert_backend {plane.expert_backend!r}: expected one of {names} "
+                         "(is raymoe installed? `pip install -e .` registers 'ray')")
+    return next(iter(found)).load()(plane, ckpt, dtype)

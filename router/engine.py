@@ -8,6 +8,7 @@ from itertools import count
 import torch
 
 from attention.cache import RollingKVCache
+from router.config import EngineConfig
 from router.dispatch import ExpertBackend
 from router.model import RouterModel
 from router.sampling import SamplingParams, sample_row
@@ -65,13 +66,13 @@ class Engine:
     ones, within a token budget, as one flat batch through the model.
     """
 
-    def __init__(self, model: RouterModel, experts: ExpertBackend, *, max_num_seqs: int = 64,
-                 max_model_len: int | None = None, chunk_size: int | None = None,
-                 max_num_batched_tokens: int = 2048, tokenizer: Tokenizer | None = None, seed: int = 0,
-                 kv_cache_bytes: int = 2 << 30):
+    def __init__(self, model: RouterModel, experts: ExpertBackend, config: EngineConfig | None = None, *,
+                 tokenizer: Tokenizer | None = None, kv_cache_bytes: int = 2 << 30):
+        c = config or EngineConfig()
         a = self.args = model.args
         self.model, self.experts, self.tokenizer = model, experts, tokenizer
-        self.max_model_len = min(max_model_len or a.max_position_embeddings, a.max_position_embeddings)
+        max_num_seqs, chunk_size = c.max_num_seqs, c.chunk_size
+        self.max_model_len = min(c.max_model_len or a.max_position_embeddings, a.max_position_embeddings)
         window = min(a.sliding_window or self.max_model_len, self.max_model_len)
         dtype = model.tok_embeddings.weight.dtype
         row_bytes = 2 * a.n_layers * window * a.n_kv_heads * a.head_dim * dtype.itemsize
@@ -82,9 +83,9 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.cache = RollingKVCache(a.n_layers, max_num_seqs, window, a.n_kv_heads, a.head_dim, dtype)
         # As in vLLM, a prompt chunk is bounded by the step's token budget unless asked otherwise.
-        self.max_num_batched_tokens = max(max_num_batched_tokens, chunk_size or 0)
+        self.max_num_batched_tokens = max(c.max_num_batched_tokens, chunk_size or 0)
         self.chunk_size = chunk_size or self.max_num_batched_tokens
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(c.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))

@@ -82,7 +82,6 @@ class GrpcExperts(ExpertBackend):
         self.owner = owner_table(entries, n_layers, n_experts)
         self.owner_np = self.owner.numpy()
         self.max_message_bytes = max_message_bytes or min(e["max_message_bytes"] for e in entries)
-        self.last_compute_ns = 0  # the slowest replica's expert math in the last forward, for benchmarks
         self._loop = asyncio.new_event_loop()
         self._loop_lock = threading.Lock()  # one thread at a time runs the loop
         self._helper: concurrent.futures.ThreadPoolExecutor | None = None  # for callers inside a running loop
@@ -222,20 +221,10 @@ class GrpcExperts(ExpertBackend):
         """Send every (shard, request) at once; retry transport failures on other replicas of the shard."""
         return self._run(self._gather(layer, messages))
 
-    def echo(self, layer: int, messages: list[tuple[int, expert_pb2.EchoRequest]]
-             ) -> list[expert_pb2.EchoResponse]:
-        """Echo calls to the replicas `gather` would use, made the same way: the transport floor."""
-        async def calls():
-            stubs = [self._stub(self.pick(shard, layer).address) for shard, _ in messages]
-            return await asyncio.gather(*[stub.Echo(req, timeout=self.timeout_s)
-                                          for stub, (_, req) in zip(stubs, messages, strict=True)])
-        return self._run(calls())
-
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:
         msgs = self.requests(layer, x, expert_ids, weights)
         replies = self.gather(layer, [(s, req) for s, _, req in msgs])
-        self.last_compute_ns = max((r.compute_ns for r in replies), default=0)
         outputs = [(rows, from_wire(reply.output, "output", x.dtype, ndim=2))
                    for (_, rows, _), reply in zip(msgs, replies, strict=True)]
         np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(x.dtype)

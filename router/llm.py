@@ -5,8 +5,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experts.checkpoint import DTYPES, Checkpoint
-from router.dispatch import ExpertBackend, LocalExperts
+from checkpoint.args import parse_dtype
+from checkpoint.bundled import resolve_model
+from checkpoint.reader import Checkpoint
+from router.config import EngineConfig, ExpertPlaneConfig, split_settings
+from router.dispatch import make_expert_backend
 from router.engine import Engine, Sequence
 from router.model import RouterModel
 from router.outputs import CompletionOutput, RequestOutput
@@ -14,18 +17,6 @@ from router.sampling import SamplingParams
 from router.tokenizer import Tokenizer
 
 PromptType = str | dict | list[int]
-
-
-def make_expert_backend(name: str, ckpt: Checkpoint, dtype: torch.dtype, **options) -> ExpertBackend:
-    if name == "local":
-        if options:
-            raise TypeError(f"expert_backend='local' takes no options, got {sorted(options)}")
-        return LocalExperts(ckpt, dtype)
-    if name == "ray":
-        from cluster.bringup import ray_expert_backend  # the cluster layer wires Ray in
-
-        return ray_expert_backend(ckpt, dtype, **options)
-    raise ValueError(f"unknown expert_backend {name!r}: expected 'local' or 'ray'")
 
 
 def to_output(seq: Sequence) -> RequestOutput:
@@ -44,25 +35,25 @@ def to_output(seq: Sequence) -> RequestOutput:
 class LLM:
     """A Mixtral-style checkpoint ready to generate, with its experts in-process or on Ray.
 
+    Keyword settings are the fields of `EngineConfig` (dtype, max_num_seqs, ...) and of
+    `ExpertPlaneConfig` (num_shards, replicas_per_shard, num_gpus, expert_num_cpus, ...).
+
     >>> llm = LLM(model="models/tiny-mixtral")
     >>> llm.generate(["def f(x):"], SamplingParams(temperature=0.0, max_tokens=16))[0].outputs[0].text
     """
 
-    def __init__(self, model: str | Path, expert_backend: str = "local", dtype: str = "float32", *,
-                 max_num_seqs: int = 64, max_model_len: int | None = None, chunk_size: int | None = None,
-                 max_num_batched_tokens: int = 2048, seed: int = 0, **backend_options):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.model_path = Path(model)
-        self.checkpoint = Checkpoint(model)
+    def __init__(self, model: str | Path, expert_backend: str = "local", **settings):
+        engine, plane = split_settings(settings, EngineConfig, ExpertPlaneConfig)
+        self.config = EngineConfig(model=str(model), **engine)
+        self.plane = ExpertPlaneConfig(expert_backend=expert_backend, **plane)
+        self.model_path = resolve_model(model)
+        self.dtype = parse_dtype(self.config.dtype)
+        self.checkpoint = Checkpoint(self.model_path)
         self.args = self.checkpoint.args
-        self.dtype = DTYPES[dtype]
-        self.tokenizer = Tokenizer.maybe(model)
+        self.tokenizer = Tokenizer.maybe(self.model_path)
         router_model = RouterModel.from_checkpoint(self.checkpoint, self.dtype)
-        self.experts = make_expert_backend(expert_backend, self.checkpoint, self.dtype, **backend_options)
-        self.engine = Engine(router_model, self.experts, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             chunk_size=chunk_size, max_num_batched_tokens=max_num_batched_tokens,
-                             tokenizer=self.tokenizer, seed=seed)
+        self.experts = make_expert_backend(self.plane, self.checkpoint, self.dtype)
+        self.engine = Engine(router_model, self.experts, self.config, tokenizer=self.tokenizer)
 
     def encode(self, prompt: PromptType) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):

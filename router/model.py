@@ -8,8 +8,9 @@ from attention.attention import Attention
 from attention.cache import RollingKVCache, StepMetadata
 from attention.norm import RMSNorm
 from attention.rope import RotaryEmbedding
-from experts.args import ModelArgs
-from experts.checkpoint import Checkpoint
+from checkpoint.args import ModelArgs
+from checkpoint.hf import dense_names
+from checkpoint.reader import Checkpoint
 from router.dispatch import ExpertBackend
 
 
@@ -64,24 +65,6 @@ class RouterModel(nn.Module):
         a = ckpt.args
         with torch.device("meta"):
             model = cls(a)
-        kv = a.n_kv_heads * a.head_dim
-        names = {
-            "tok_embeddings.weight": ("model.embed_tokens.weight", (a.vocab_size, a.dim)),
-            "norm.weight": ("model.norm.weight", (a.dim,)),
-            "output.weight": ("model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight",
-                              (a.vocab_size, a.dim)),
-        }
-        for i in range(a.n_layers):
-            p = f"model.layers.{i}"
-            names |= {
-                f"layers.{i}.attention_norm.weight": (f"{p}.input_layernorm.weight", (a.dim,)),
-                f"layers.{i}.ffn_norm.weight": (f"{p}.post_attention_layernorm.weight", (a.dim,)),
-                f"layers.{i}.attention.wq.weight": (f"{p}.self_attn.q_proj.weight", (a.n_heads * a.head_dim, a.dim)),
-                f"layers.{i}.attention.wk.weight": (f"{p}.self_attn.k_proj.weight", (kv, a.dim)),
-                f"layers.{i}.attention.wv.weight": (f"{p}.self_attn.v_proj.weight", (kv, a.dim)),
-                f"layers.{i}.attention.wo.weight": (f"{p}.self_attn.o_proj.weight", (a.dim, a.n_heads * a.head_dim)),
-                f"layers.{i}.gate.weight": (f"{p}.block_sparse_moe.gate.weight", (a.n_experts, a.dim)),
-            }
-        state = {ours: ckpt.tensor(hf, shape, dtype) for ours, (hf, shape) in names.items()}
+        state = {ours: ckpt.tensor(hf, shape, dtype) for ours, (hf, shape) in dense_names(a).items()}
         model.load_state_dict(state, assign=True)
         return model.eval()

@@ -1,18 +1,13 @@
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
 
 class Tokenizer:
-    """The checkpoint's `tokenizer.json` (and chat template, when `tokenizer_config.json` has one)."""
+    """The checkpoint's `tokenizer.json`."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        cfg_file = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        self.chat_template: str | None = cfg.get("chat_template")
+        self.tok = HFTokenizer.from_file(str(Path(path) / "tokenizer.json"))
 
     @classmethod
     def maybe(cls, path: str | Path) -> "Tokenizer | None":

@@ -14,17 +14,17 @@ def ray_session():
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_RECORD_INTERVAL_S", "0.1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
-
-    ray.init(num_cpus=8, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
-             configure_logging=False, log_to_driver=False, ignore_reinit_error=True,
-             _system_config={"metrics_report_interval_ms": 1000})  # metrics tests need not wait 10 s
     from ray import serve
 
-    from cluster.serve import free_port
+    from cluster.deploy import free_port
+    from cluster.ray_init import start_or_join_ray, start_serve
 
+    os.environ.pop("RAY_ADDRESS", None)  # the tests' own Ray, never a cluster the machine happens to run
+    start_or_join_ray(num_cpus=8, configure_logging=False, log_to_driver=False,
+                      _system_config={"metrics_report_interval_ms": 1000})  # metrics tests need not wait 10 s
     # Serve starts here, with its HTTP proxy on a free port, so whichever test deploys first cannot
-    # start it without one (Serve's options are fixed for its life); get the port from cluster.serve.http_port().
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    # start it without one (Serve's options are fixed for its life); get the port from cluster.deploy.http_port().
+    start_serve({"host": "127.0.0.1", "port": free_port()})
     yield ray
     serve.shutdown()
     ray.shutdown()

@@ -7,7 +7,8 @@ import torch
 from hf_reference import build_checkpoint
 from safetensors.torch import load_file, save_file
 
-from experts.checkpoint import Checkpoint, CheckpointError, expert_names
+from checkpoint.hf import expert_names
+from checkpoint.reader import Checkpoint, CheckpointError
 from router import LLM
 
 

@@ -11,15 +11,16 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hf_reference import build_checkpoint, hf_greedy_oracle, hf_logprobs
 
+from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient, get_directory
-from cluster.experts_app import build_expert_plane, connect_experts
+from cluster.expert_plane import build_expert_plane, connect_experts
 from cluster.placement import PlacementPlan
-from experts.checkpoint import Checkpoint
 from experts.ffn import ExpertSet
 from experts.replica import SERVICE, ExpertServicer, GrpcServer
 from experts.wire import WireError, from_wire, to_wire
 from protos import expert_pb2
 from router import LLM, SamplingParams
+from router.config import ExpertPlaneConfig
 from router.dispatch import ExpertBackend, LocalExperts
 from router.grpc_dispatch import GrpcExperts
 
@@ -38,7 +39,7 @@ def llms(ray_session, ckpt):
     """One expert plane for the module: 2 shards (experts 0, 2 and 1, 3 of every layer), 2 replicas each."""
     path, _ = ckpt
     local = LLM(path, expert_backend="local")
-    distributed = LLM(path, expert_backend="ray", num_shards=2, replicas_per_shard=2, num_cpus=0.1,
+    distributed = LLM(path, expert_backend="ray", num_shards=2, replicas_per_shard=2, expert_num_cpus=0.1,
                       max_message_bytes=MAX_MESSAGE)
     yield local, distributed
     distributed.shutdown()
@@ -95,10 +96,11 @@ def test_bad_backend_options_fail_before_deploying(ckpt):
 
 
 def test_gpus_reach_the_replica_actor_options(ckpt):
-    app = build_expert_plane(str(ckpt[0]), num_shards=2, replicas_per_shard=3, num_gpus=0.5)
+    app = build_expert_plane(str(ckpt[0]), "float32", ExpertPlaneConfig(num_shards=2, replicas_per_shard=3,
+                                                                  num_gpus=0.5))
     plane = app._bound_deployment
     assert "Expert" in plane.name
-    shards = [a._bound_deployment for a in plane.init_args[1:]]
+    shards = [a._bound_deployment for a in plane.init_args]
     assert [d.name for d in shards] == ["ExpertShard-0", "ExpertShard-1"]
     assert all(d.ray_actor_options["num_gpus"] == 0.5 and d.num_replicas == 3 for d in shards)
 

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
-from cluster.app import AppArgs
-from cluster.serve_config import parse, serve_config, to_yaml
+from cli.main import parse_settings
+from cluster.app import settings_from_args
+from cluster.serve_config import serve_config, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -95,11 +96,11 @@ def documented_command(text: str) -> list[str]:
 def test_serve_config_is_raymoe_configs_output():
     text = (K8S / "rayservice.yaml").read_text()
     embedded = yaml.safe_load(text)["spec"]["serveConfigV2"]
-    assert embedded == to_yaml(serve_config(parse(documented_command(text))))
+    assert embedded == to_yaml(serve_config(*parse_settings(documented_command(text))))
     app = yaml.safe_load(embedded)["applications"][0]
     assert app["import_path"] == "cluster.app:build_app"
-    a = AppArgs.from_dict(app["args"])  # the builder accepts exactly these args
-    assert a.expert_backend == "ray" and a.num_gpus > 0 and not a.api_key
+    _, plane, server = settings_from_args(app["args"])  # the builder accepts exactly these args
+    assert plane.expert_backend == "ray" and plane.num_gpus > 0 and not server.api_key
     assert yaml.safe_load(embedded)["http_options"]["host"] == "0.0.0.0"  # reachable from the service
 
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from hf_reference import build_checkpoint
 
-from cluster.serve import deploy, http_port
-from cluster.serve_config import parse, serve_config
+from cli.main import parse_settings
+from cluster.deploy import deploy, http_port
+from cluster.serve_config import serve_config
 
 MODEL = "tiny"
 KEY = "sk-test-raymoe"
@@ -60,7 +61,7 @@ def checkpoints(tmp_path_factory):
 
 
 def config(*argv: str) -> dict:
-    return serve_config(parse(list(argv)))
+    return serve_config(*parse_settings(list(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +350,7 @@ def test_request_survives_killed_expert_replica(server, client, ray_session):
 def test_async_engine_aborts_when_the_caller_goes_away(checkpoints):
     """A client that disconnects cancels its handler; the engine thread then drops its sequences."""
     from router import LLM, SamplingParams
-    from router.async_engine import AsyncEngine, Submission
+    from server.async_engine import AsyncEngine, Submission
 
     llm = LLM(checkpoints[0], expert_backend="local")
     runner = AsyncEngine(llm.engine)
@@ -380,7 +381,7 @@ def test_async_engine_aborts_when_the_caller_goes_away(checkpoints):
 def test_async_engine_rejects_a_bad_request_whole(checkpoints):
     """One bad prompt of several: a ValueError, and none of them runs."""
     from router import LLM, SamplingParams
-    from router.async_engine import AsyncEngine, Submission
+    from server.async_engine import AsyncEngine, Submission
 
     llm = LLM(checkpoints[0], expert_backend="local")
     runner = AsyncEngine(llm.engine)

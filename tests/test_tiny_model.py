@@ -6,21 +6,21 @@ import pytest
 import torch
 from hf_reference import hf_logprobs
 
-from router import LLM, SamplingParams
-from router.bpe import BOS_ID, EOS_ID
-from router.bundled import BUNDLED_MODEL
-from router.corpus import HELD_OUT, split, stdlib_files
-from router.routing_report import (
+from bench.routing import (
     SequenceTrace,
     consecutive_fractions,
-    held_out_texts,
     layer_stats,
     load_trace,
     save_trace,
     trace_texts,
 )
-from router.train import TrainConfig, train
-from router.trainable import load_balancing_loss, window_mask
+from checkpoint.bundled import BUNDLED_MODEL
+from router import LLM, SamplingParams
+from training.bpe import BOS_ID, EOS_ID
+from training.corpus import HELD_OUT, split, stdlib_files
+from training.evaluate import held_out_texts
+from training.train import TrainConfig, train
+from training.trainable import load_balancing_loss, window_mask
 
 SOURCE = '''import os
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention.rope import apply_rope
-from experts.args import ModelArgs
-from experts.checkpoint import expert_names
+from checkpoint.args import ModelArgs
+from checkpoint.hf import dense_names, expert_names
 from experts.ffn import swiglu
 from router.model import RouterModel, route
 
@@ -99,57 +99,13 @@ class TrainableMixtral(nn.Module):
         inverse[order] = torch.arange(len(order))
         return (ys[inverse].view(N, k, -1) * weights[..., None].to(x.dtype)).sum(1)
 
-    def hf_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor under the names transformers' MixtralForCausalLM (and our Checkpoint) reads."""
-        a, m, I = self.args, self.core, self.args.hidden_dim
-        out = {"model.embed_tokens.weight": m.tok_embeddings.weight, "model.norm.weight": m.norm.weight,
-               "lm_head.weight": m.output.weight}
-        for i, layer in enumerate(m.layers):
-            p = f"model.layers.{i}"
-            out |= {
-                f"{p}.input_layernorm.weight": layer.attention_norm.weight,
-                f"{p}.post_attention_layernorm.weight": layer.ffn_norm.weight,
-                f"{p}.self_attn.q_proj.weight": layer.attention.wq.weight,
-                f"{p}.self_attn.k_proj.weight": layer.attention.wk.weight,
-                f"{p}.self_attn.v_proj.weight": layer.attention.wv.weight,
-                f"{p}.self_attn.o_proj.weight": layer.attention.wo.weight,
-                f"{p}.block_sparse_moe.gate.weight": layer.gate.weight,
-            }
+        a, I = self.args, self.args.hidden_dim
+        core = self.core.state_dict()
+        out = {hf: core[ours] for ours, (hf, _) in dense_names(a).items()}
+        for i in range(a.n_layers):
             for e in range(a.n_experts):
                 n1, n2, n3 = expert_names(i, e)
                 out |= {n1: self.w13[i, e, :I], n2: self.w2[i, e], n3: self.w13[i, e, I:]}
-        return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
-
-
-def hf_config(a: ModelArgs, aux_loss_coef: float, dtype: str) -> dict:
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "vocab_size": a.vocab_size,
-        "hidden_size": a.dim,
-        "intermediate_size": a.hidden_dim,
-        "num_hidden_layers": a.n_layers,
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads,
-        "head_dim": a.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": a.max_position_embeddings,
-        "initializer_range": 0.02,
-        "rms_norm_eps": a.norm_eps,
-        "use_cache": True,
-        "rope_theta": a.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
-        "sliding_window": a.sliding_window,
-        "attention_dropout": 0.0,
-        "num_experts_per_tok": a.top_k,
-        "num_local_experts": a.n_experts,
-        "output_router_logits": False,
-        "router_aux_loss_coef": aux_loss_coef,
-        "router_jitter_noise": 0.0,
-        "tie_word_embeddings": False,
-        "bos_token_id": a.bos_token_id,
-        "eos_token_id": a.eos_token_id,
-        "pad_token_id": None,
-        "dtype": dtype,
-        "torch_dtype": dtype,
-    }
+        return {k: v.detach() for k, v in out.items()}

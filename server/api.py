@@ -1,35 +1,38 @@
-"""The OpenAI-compatible HTTP API (as vLLM serves it) over one continuous-batching engine, on Ray Serve.
+"""The OpenAI-compatible HTTP API (as vLLM serves it) over one continuous-batching engine.
 
 `OpenAIServer` does the work and knows nothing of Serve; `build_fastapi` maps HTTP onto it; the
-`Router` deployment owns one of each per replica.
+cluster layer's `Router` deployment owns one of each per replica.
 """
 
 import asyncio
 import hmac
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from experts.checkpoint import DTYPES, Checkpoint
-from router.async_engine import AsyncEngine, RequestStream, Submission, Update
-from router.chat_template import ChatTemplate, ChatTemplateError
+from checkpoint.args import parse_dtype
+from checkpoint.bundled import resolve_model
+from checkpoint.reader import Checkpoint
+from router.config import EngineConfig
 from router.dispatch import ExpertBackend, LocalExperts
 from router.engine import Engine
-from router.metrics import RouterMetrics
 from router.model import RouterModel
-from router.openai_protocol import (
+from router.sampling import SamplingParams
+from router.tokenizer import Tokenizer
+from server.async_engine import AsyncEngine, RequestStream, Submission, Update
+from server.chat_template import ChatTemplate, ChatTemplateError
+from server.config import ServerConfig
+from server.metrics import RouterMetrics
+from server.openai_protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -52,8 +55,6 @@ from router.openai_protocol import (
     now,
     request_id,
 )
-from router.sampling import SamplingParams
-from router.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,6 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 def sse(payload) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
-
-
-@dataclass
-class EngineOptions:
-    max_num_seqs: int = 64
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048
-    seed: int = 0
 
 
 @dataclass
@@ -119,29 +112,24 @@ class _Choice:
 class OpenAIServer:
     """One model, one engine thread, every client's requests batched together."""
 
-    def __init__(self, model: str | Path, *, dtype: str = "float32", served_model_name: str | None = None,
-                 experts: ExpertBackend | None = None, api_key: str | None = None,
-                 engine: EngineOptions | None = None, stream_chunks_per_s: float = 0.0):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.path = Path(model)
+    def __init__(self, engine: EngineConfig, server: ServerConfig, experts: ExpertBackend | None = None):
+        """experts: None runs every expert in this process."""
+        self.path = resolve_model(engine.model)
         ckpt = Checkpoint(self.path)
+        dtype = parse_dtype(engine.dtype)
         self.args = ckpt.args
-        self.name = served_model_name or self.path.name
-        self.api_key = api_key or None
+        self.name = server.served_model_name or self.path.name
+        self.api_key = server.api_key or None
         self.tokenizer = Tokenizer.maybe(self.path)
         self.chat_template = ChatTemplate.maybe(self.path) if self.tokenizer else None
-        self.experts = experts if experts is not None else LocalExperts(ckpt, DTYPES[dtype])
-        o = engine or EngineOptions()
-        self.engine = Engine(RouterModel.from_checkpoint(ckpt, DTYPES[dtype]), self.experts,
-                             max_num_seqs=o.max_num_seqs, max_model_len=o.max_model_len,
-                             max_num_batched_tokens=o.max_num_batched_tokens, tokenizer=self.tokenizer,
-                             seed=o.seed)
+        self.experts = experts if experts is not None else LocalExperts(ckpt, dtype)
+        self.engine = Engine(RouterModel.from_checkpoint(ckpt, dtype), self.experts, engine,
+                             tokenizer=self.tokenizer)
         self.max_model_len = self.engine.max_model_len
         self.metrics = RouterMetrics(self.name, self.args.n_layers, self.args.n_experts)
         self.runner = AsyncEngine(self.engine, on_step=self.metrics.on_step)
         self.created = now()
-        self.stream_chunks_per_s = stream_chunks_per_s  # 0: a chunk per step, however many streams
+        self.stream_chunks_per_s = server.stream_chunks_per_s  # 0: a chunk per step, however many streams
         self.streams = 0  # streaming responses open
         self._token_text: dict[int, str] = {}
         log.info("serving %s as %r: context %d, %d torch threads, experts %s", self.path, self.name,
@@ -438,42 +426,3 @@ def build_fastapi(server: OpenAIServer) -> FastAPI:
         return out
 
     return app
-
-
-@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1}, health_check_period_s=5)
-@serve.ingress()
-class Router:
-    """The Serve ingress: one engine per replica; experts in-process or behind the expert plane.
-
-    experts: a handle to the expert plane's ingress (`cluster.experts_app.build_expert_plane`); None runs
-    every expert in this replica.
-    """
-
-    def __init__(self, model: str, dtype: str = "float32", served_model_name: str | None = None,
-                 api_key: str | None = None, experts=None, engine: dict | None = None,
-                 torch_threads: int | None = None, stream_chunks_per_s: float = 0.0):
-        if torch_threads:  # else Ray's default: as many as the replica's CPUs
-            torch.set_num_threads(torch_threads)
-        backend = None
-        if experts is not None:
-            from cluster.experts_app import connect_experts  # the cluster layer wires the gRPC plane
-
-            backend = connect_experts(Checkpoint(model), DTYPES[dtype],
-                                      app_name=serve.get_replica_context().app_name)
-        self.expert_plane = experts  # kept so the plane's ingress lives as long as this router
-        self.server = OpenAIServer(model, dtype=dtype, served_model_name=served_model_name, experts=backend,
-                                   api_key=api_key or os.environ.get("RAYMOE_API_KEY"),
-                                   engine=EngineOptions(**(engine or {})),
-                                   stream_chunks_per_s=stream_chunks_per_s)
-
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_fastapi(self.server)
-
-    def check_health(self) -> None:
-        if not self.server.runner.alive:
-            raise RuntimeError("the engine thread has stopped")
-
-    def __del__(self):
-        server = getattr(self, "server", None)  # absent when __init__ failed
-        if server is not None:
-            server.close()

@@ -4,7 +4,6 @@ Reproducible: the file list is sorted, the tokenizer is deterministic, and every
 batch offsets) comes from generators seeded with --seed; the step count is fixed, never time-based.
 """
 
-import argparse
 import json
 import logging
 import math
@@ -14,14 +13,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from experts.args import ModelArgs
-from router import corpus
-from router.bpe import BOS_ID, EOS_ID, tokenizer_config, train_bpe
-from router.bundled import BUNDLED_MODEL
-from router.trainable import TrainableMixtral, hf_config, load_balancing_loss
+from checkpoint.args import ModelArgs
+from checkpoint.bundled import BUNDLED_MODEL
+from checkpoint.writer import save_checkpoint
+from training import corpus
+from training.bpe import BOS_ID, EOS_ID, tokenizer_config, train_bpe
+from training.evaluate import held_out_bits_per_byte
+from training.trainable import TrainableMixtral, load_balancing_loss
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,6 @@ class TrainConfig:
                          top_k=self.top_k, vocab_size=self.vocab_size, rope_theta=self.rope_theta,
                          sliding_window=self.sliding_window, max_position_embeddings=self.max_position_embeddings,
                          bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument("--out", default=str(BUNDLED_MODEL), help="checkpoint directory to write (default: the bundled one)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (one wastes least on a busy machine; results may differ with more)")
-    for name, value in asdict(d).items():
-        kind = type(value) if value is not None else int
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=value, help=f"default {value}")
 
 
 def token_stream(tok, texts: list[str]) -> torch.Tensor:
@@ -167,12 +157,8 @@ def train(cfg: TrainConfig, out: Path) -> dict:
 
 
 def export(model: TrainableMixtral, tok, cfg: TrainConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     a = model.args
-    save_file(model.hf_state_dict(getattr(torch, cfg.dtype)), out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(a, cfg.aux_loss_coef, cfg.dtype), indent=2) + "\n")
-    gen_cfg = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+    save_checkpoint(out, a, model.hf_state_dict(), cfg.dtype, cfg.aux_loss_coef)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(a.max_position_embeddings), indent=2) + "\n")
 
@@ -201,13 +187,13 @@ def plot_losses(history: dict, cfg: TrainConfig, path: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
-    out = Path(args.out)
-    s = train(cfg, out)
-    from router.routing_report import held_out_bits_per_byte
+def main(cfg: TrainConfig, out: Path = BUNDLED_MODEL, threads: int = 1) -> int:
+    """`raymoe train-tiny`: train, export, score the held-out files, print a summary.
 
+    threads: torch CPU threads (one wastes least on a busy machine; results may differ with more).
+    """
+    torch.set_num_threads(threads)
+    s = train(cfg, out)
     bpb = held_out_bits_per_byte(out)
     s["held_out_bits_per_byte"] = bpb
     (out / "training.json").write_text(json.dumps(s, indent=1) + "\n")

@@ -5,7 +5,6 @@ prompts through `LLM.generate` with the same expert backend, engine settings and
 same run, so the ratio says what HTTP, Serve and streaming cost.
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -13,24 +12,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.bundled import BUNDLED_MODEL
+from bench.harness import bench_checkpoint, percentile
+from checkpoint.bundled import BUNDLED_MODEL
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="checkpoint (default: the bundled one, else the benchmark one)")
-    p.add_argument("--expert-backend", choices=["ray", "local"], default="ray")
-    p.add_argument("--num-shards", type=int, default=None, help="expert shards (default: one per expert)")
-    p.add_argument("--expert-num-cpus", type=float, default=0.5,
-                   help="CPUs reserved per expert replica (the server's and offline's planes run at once)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=None,
-                   help="requests per level (default: 2 x concurrency, at least 8)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the router and of offline")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="interleaved rounds of offline and every level; each keeps its best")
-    p.add_argument("--out", type=Path, default=Path("runs/bench_serve.png"), help="the plot (PNG)")
+@dataclass
+class ServeBenchOptions:
+    model: Path | None = field(default=None, metadata={
+        "help": "checkpoint (default: the bundled one, else the benchmark one)"})
+    expert_backend: str = field(default="ray", metadata={"help": "where the experts run",
+                                                          "choices": ["ray", "local"]})
+    num_shards: int | None = field(default=None, metadata={"help": "expert shards (default: one per expert)"})
+    expert_num_cpus: float = field(default=0.5, metadata={
+        "help": "CPUs reserved per expert replica (the server's and offline's planes run at once)"})
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={"help": "concurrency levels"})
+    requests: int | None = field(default=None, metadata={
+        "help": "requests per level (default: 2 x concurrency, at least 8)"})
+    max_tokens: int = field(default=64, metadata={"help": "tokens generated per request"})
+    prompt_len: int = field(default=32, metadata={"help": "prompt tokens per request"})
+    threads: int = field(default=1, metadata={"help": "torch threads of the router and of offline"})
+    rounds: int = field(default=2, metadata={
+        "help": "interleaved rounds of offline and every level; each keeps its best"})
+    out: Path = field(default=Path("runs/bench_serve.png"), metadata={"help": "the plot (PNG)"})
 
 
 @dataclass
@@ -38,13 +41,6 @@ class Result:
     ttft: float = 0.0  # seconds to the first streamed text
     gaps: list[float] = field(default_factory=list)  # seconds between streamed chunks
     tokens: int = 0
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
 async def stream_one(session, url: str, prompt: list[int], max_tokens: int) -> Result:
@@ -143,19 +139,18 @@ def report(rows: list[dict], offline: float, n_offline: int, rounds: int) -> Non
           f"(LLM.generate, same backend; every row: best of {rounds})")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: ServeBenchOptions) -> None:
     import tempfile
 
-    import ray
     import torch
-    from ray import serve
 
-    from cluster.bench.common import bench_checkpoint
-    from cluster.bringup import remove_apps
-    from cluster.serve import deploy, free_port, http_port
-    from cluster.serve_config import parse, serve_config
-    from experts.checkpoint import Checkpoint
+    from checkpoint.reader import Checkpoint
+    from cluster.deploy import deploy, free_port, http_port
+    from cluster.ray_init import remove_apps, start_or_join_ray, start_serve
+    from cluster.serve_config import serve_config
     from router import LLM
+    from router.config import EngineConfig, ExpertPlaneConfig
+    from server.config import ServerConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -168,29 +163,25 @@ def run(args: argparse.Namespace) -> None:
         prompts = {c: torch.randint(3, vocab, (args.requests or max(2 * c, 8), args.prompt_len), generator=g)
                    .tolist() for c in args.concurrency}
 
-        ray.init(num_cpus=max(os.cpu_count() or 1, 16), object_store_memory=200 * 1024 * 1024,
-                 include_dashboard=False, log_to_driver=False)
+        # Logical CPUs are scheduling slots here: two expert planes and a router run at once.
+        started_ray = start_or_join_ray(num_cpus=max(os.cpu_count() or 1, 16), log_to_driver=False)
         # The router replica and offline generate both run args.threads torch threads.
         torch.set_num_threads(args.threads)
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # before the offline plane's
-        argv = ["--model", str(model), "--expert-backend", args.expert_backend,
-                "--router-num-cpus", str(args.threads), "--router-threads", str(args.threads),
-                "--max-num-seqs", str(biggest)]
-        options = {}  # the offline LLM's expert plane, as the server's
-        if args.expert_backend == "ray":
-            argv += ["--expert-num-cpus", str(args.expert_num_cpus)]
-            options["num_cpus"] = args.expert_num_cpus
-            if args.num_shards:
-                argv += ["--num-shards", str(args.num_shards)]
-                options["num_shards"] = args.num_shards
-        names = deploy(serve_config(parse(argv)))
+        started_serve = start_serve({"host": "127.0.0.1", "port": free_port()})  # before the offline plane's
+        engine = EngineConfig(model=str(model), max_num_seqs=biggest)
+        # The offline LLM's expert plane is the server's.
+        plane = ExpertPlaneConfig(expert_backend=args.expert_backend, num_shards=args.num_shards,
+                                  expert_num_cpus=args.expert_num_cpus)
+        server = ServerConfig(router_num_cpus=args.threads, router_threads=args.threads)
+        names = deploy(serve_config(engine, plane, server))
         url = f"http://127.0.0.1:{http_port()}/v1/completions"
         # Offline: the biggest level's prompts, at most `biggest` running at once, as in the server.
         best: dict[int, dict] = {}
         offline = []
         llm = None
         try:
-            llm = LLM(model, expert_backend=args.expert_backend, max_num_seqs=biggest, **options)
+            llm = LLM(model, expert_backend=args.expert_backend, max_num_seqs=biggest, num_shards=args.num_shards,
+                      expert_num_cpus=args.expert_num_cpus)
             offline_tps(llm, prompts[biggest][:2], 8)  # warm-ups
             asyncio.run(level(url, prompts[biggest][:2], 2, 8))
             for _ in range(args.rounds):  # interleaved, so that noise from other processes hits both sides
@@ -202,7 +193,7 @@ def run(args: argparse.Namespace) -> None:
         finally:
             if llm is not None:
                 llm.shutdown()
-            remove_apps(names, started_serve=True, started_ray=True)
+            remove_apps(names, started_serve, started_ray)
 
     print(f"\nmodel {model}, experts: {args.expert_backend}, {args.prompt_len}-token prompts, "
           f"{args.max_tokens} new tokens each, torch threads {args.threads}")

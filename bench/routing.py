@@ -7,18 +7,17 @@ slots. The routing is recorded from the serving path: `LLM.logprobs` scores each
 bits per byte too) while a wrapper around its expert backend keeps every layer's choices.
 """
 
-import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
 import torch
 
-from router import corpus
-from router.bundled import BUNDLED_MODEL
+from checkpoint.bundled import BUNDLED_MODEL
 from router.dispatch import ExpertBackend
 from router.llm import LLM
+from training.evaluate import held_out_texts, text_nats
 
 
 class RecordingExperts(ExpertBackend):
@@ -58,9 +57,8 @@ def trace_texts(llm: LLM, texts: dict[str, str]) -> tuple[list[SequenceTrace], f
     traces, nats, n_bytes = [], 0.0, 0
     try:
         for path, text in texts.items():
-            ids = llm.encode(text)[0]
-            rows = llm.logprobs([ids])[0]  # (T, V), row t predicts token t + 1
-            nats -= rows[:-1].gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+            ids, text_nats_ = text_nats(llm, text)
+            nats += text_nats_
             n_bytes += len(text.encode("utf-8"))
             traces.append(SequenceTrace(path, ids, *recorder.take()))
     finally:
@@ -138,27 +136,15 @@ def load_trace(path: str | Path) -> list[SequenceTrace]:
             for s in doc["sequences"]]
 
 
-def held_out_texts() -> dict[str, str]:
-    return corpus.read_texts(list(corpus.HELD_OUT))
+@dataclass
+class RoutingReportOptions:
+    model: str = field(default=str(BUNDLED_MODEL), metadata={"help": "HF checkpoint directory (default: bundled)"})
+    trace_out: str = field(default="runs/routing_trace.msgpack", metadata={
+        "help": "where to save the routing trace (msgpack); '' to skip"})
+    seed: int = field(default=0, metadata={"help": "seed of the shuffled baseline"})
 
 
-def held_out_bits_per_byte(model: str | Path) -> float:
-    llm = LLM(model, expert_backend="local", dtype="float32")
-    try:
-        return trace_texts(llm, held_out_texts())[1]
-    finally:
-        llm.shutdown()
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["routing"], help="what to inspect")
-    p.add_argument("--model", default=str(BUNDLED_MODEL), help="HF checkpoint directory (default: bundled)")
-    p.add_argument("--trace-out", default="runs/routing_trace.msgpack",
-                   help="where to save the routing trace (msgpack); '' to skip")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled baseline")
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args: RoutingReportOptions) -> int:
     llm = LLM(args.model, expert_backend="local", dtype="float32")
     try:
         texts = held_out_texts()

@@ -11,18 +11,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from experts.args import ModelArgs
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from checkpoint.hf import args_from_config, expert_names
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or inconsistent with its config."""
-
-
-def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
-    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
-    return f"{p}.w1.weight", f"{p}.w2.weight", f"{p}.w3.weight"
 
 
 class Checkpoint:
@@ -35,7 +28,7 @@ class Checkpoint:
             raise CheckpointError(f"{config_file} is missing: not a Hugging Face checkpoint directory")
         try:
             self.config = json.loads(config_file.read_text())
-            self.args = ModelArgs.from_hf(self.config)
+            self.args = args_from_config(self.config)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{config_file} is not a valid Mixtral config: {e!r}") from e
         self.weight_map = self._weight_map()

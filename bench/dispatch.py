@@ -1,0 +1,230 @@
+"""`raymoe bench dispatch`: gRPC scatter/gather beside a bare echo floor; "ray" decode beside "local" and HF.
+
+Part 1 times one layer's scatter/gather (GrpcExperts.forward: split by shard, serialise, one call per
+replica touched, all in flight, gather, sum) against an echo of the same byte counts to the same
+replica processes over the same channels: the floor any dispatch over gRPC pays. Its checkpoint has a
+small intermediate size so that the expert math, reported beside it, does not hide the transport.
+Part 2 decodes the model-core benchmark checkpoint with the experts on Ray, in-process, and in HF.
+"""
+
+import asyncio
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.harness import bench_checkpoint, best_of_each, percentile, with_threads
+from checkpoint.args import ModelArgs
+from checkpoint.hf import expert_names
+from checkpoint.writer import save_checkpoint
+from protos import expert_pb2
+
+
+@dataclass
+class DispatchBenchOptions:
+    hidden: list[int] = field(default_factory=lambda: [512, 4096], metadata={"help": "hidden sizes (latency runs)"})
+    tokens: list[int] = field(default_factory=lambda: [1, 16, 64, 256], metadata={"help": "tokens per layer call"})
+    intermediate: int = field(default=16, metadata={
+        "help": "expert intermediate size of the latency checkpoint (small: it measures transport)"})
+    iters: int = field(default=100, metadata={"help": "timed layer calls per (hidden, tokens)"})
+    num_shards: int = field(default=8, metadata={"help": "expert shards of the latency runs"})
+    decode_shards: list[int] = field(default_factory=lambda: [8, 2], metadata={
+        "help": "expert shards of the ray decode runs, one run each (8: one expert per shard)"})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={"help": "decode batch sizes"})
+    router_threads: int = field(default=1, metadata={
+        "help": "torch threads of the router while decoding with experts on Ray (their math runs in the "
+                "replicas; local and HF keep the process default)"})
+    new_tokens: int = field(default=32, metadata={"help": "tokens generated per sequence"})
+    prompt_len: int = field(default=16, metadata={"help": "prompt tokens per sequence"})
+    repeats: int = field(default=3, metadata={"help": "timed decode runs (the best counts)"})
+    skip_latency: bool = field(default=False, metadata={"help": "skip the per-layer latency runs"})
+    skip_decode: bool = field(default=False, metadata={"help": "skip the decode runs"})
+
+
+def latency_checkpoint(path: Path, hidden: int, intermediate: int, n_experts: int = 8) -> Path:
+    """One MoE layer of random experts (the only tensors a replica reads) with a Mixtral config."""
+    args = ModelArgs(dim=hidden, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=hidden // 8,
+                     hidden_dim=intermediate, n_experts=n_experts, top_k=2, vocab_size=512)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for e in range(n_experts):
+        w1, w2, w3 = expert_names(0, e)
+        tensors[w1] = torch.randn(intermediate, hidden, generator=g) * 0.02
+        tensors[w2] = torch.randn(hidden, intermediate, generator=g) * 0.02
+        tensors[w3] = torch.randn(intermediate, hidden, generator=g) * 0.02
+    save_checkpoint(path, args, tensors, "float32")
+    return path
+
+
+def echo_requests(msgs: list) -> list[expert_pb2.EchoRequest]:
+    """Per Forward message of `msgs`, an Echo of the same bytes out and back."""
+    # The output travels back with the hidden states' shape and dtype.
+    return [expert_pb2.EchoRequest(payload=bytes(req.ByteSize()), reply_bytes=req.hidden.ByteSize())
+            for _, _, req in msgs]
+
+
+class DirectCalls:
+    """The bench's own grpc.aio channels to the replicas a GrpcExperts would pick for a layer: Echo (the
+    transport floor) and Forward (whose replies carry the replicas' compute time), made the way the
+    dispatcher makes them, all in flight at once."""
+
+    def __init__(self, experts, layer: int, shards: list[int]):
+        import grpc
+
+        from experts.wire import grpc_options
+        from protos import expert_pb2_grpc
+
+        self.loop = asyncio.new_event_loop()
+        self.addresses = [experts.pick(s, layer).address for s in shards]
+
+        async def connect():
+            chans = {a: grpc.aio.insecure_channel(a, options=grpc_options(experts.max_message_bytes))
+                     for a in set(self.addresses)}
+            return chans, {a: expert_pb2_grpc.ExpertServiceStub(c) for a, c in chans.items()}
+        self.channels, self.stubs = self.loop.run_until_complete(connect())
+
+    def _all(self, method: str, requests: list):
+        async def calls():
+            return await asyncio.gather(*[getattr(self.stubs[a], method)(r, timeout=30)
+                                          for a, r in zip(self.addresses, requests, strict=True)])
+        return self.loop.run_until_complete(calls())
+
+    def echo(self, requests: list[expert_pb2.EchoRequest]) -> None:
+        self._all("Echo", requests)
+
+    def compute_seconds(self, requests: list[expert_pb2.ForwardRequest]) -> float:
+        """The slowest replica's expert math for these Forward requests."""
+        return max(r.compute_ns for r in self._all("Forward", requests)) / 1e9
+
+    def close(self) -> None:
+        async def close_all():
+            for c in self.channels.values():
+                await c.close()
+        self.loop.run_until_complete(close_all())
+        self.loop.close()
+
+
+def bench_latency(args: DispatchBenchOptions, tmp: Path) -> None:
+    from checkpoint.reader import Checkpoint
+    from cluster.expert_plane import ray_expert_backend
+    from router.config import ExpertPlaneConfig
+
+    print(f"\n== per-layer gRPC scatter/gather: {args.num_shards} shards x 1 replica, top-2 of 8 experts, "
+          f"intermediate {args.intermediate}; floor: echo of the same bytes to the same replicas")
+    print(f"{'hidden':>6} {'tokens':>6} {'replicas':>8} | {'dispatch p50':>12} {'p99':>8} | {'echo p50':>9} "
+          f"{'p99':>8} | {'ratio p50':>9} {'p99':>6} | {'expert math':>11} {'ratio w/o math':>14}")
+    for hidden in args.hidden:
+        ckpt = Checkpoint(latency_checkpoint(tmp / f"latency-{hidden}", hidden, args.intermediate))
+        plane = ExpertPlaneConfig(num_shards=args.num_shards, expert_num_cpus=0.1)
+        backend = ray_expert_backend(plane, ckpt, torch.float32)
+        grpc_experts = backend.backend
+        g = torch.Generator().manual_seed(0)
+        try:
+            for n in args.tokens:
+                x = torch.randn(n, hidden, generator=g)
+                top = torch.randn(n, 8, generator=g).topk(2)
+                weights, ids = torch.softmax(top.values, -1), top.indices
+                msgs = grpc_experts.requests(0, x, ids, weights)
+                direct = DirectCalls(grpc_experts, 0, [shard for shard, _, _ in msgs])
+                echoes = echo_requests(msgs)
+                fwd, echo, math = [], [], []
+                try:
+                    for i in range(args.iters + 5):
+                        t = time.perf_counter()
+                        backend.forward(0, x, ids, weights)
+                        t1 = time.perf_counter()
+                        direct.echo(echoes)
+                        t2 = time.perf_counter()
+                        if i >= 5:  # warm-up calls open channels and fault pages in
+                            fwd.append(t1 - t)
+                            echo.append(t2 - t1)
+                            math.append(direct.compute_seconds([req for _, _, req in msgs]))
+                finally:
+                    direct.close()
+                f50, f99, e50, e99 = (percentile(fwd, 50), percentile(fwd, 99), percentile(echo, 50),
+                                      percentile(echo, 99))
+                m50 = percentile(math, 50)
+                print(f"{hidden:>6} {n:>6} {len(msgs):>8} | {f50 * 1e3:>10.3f}ms {f99 * 1e3:>6.3f}ms | "
+                      f"{e50 * 1e3:>7.3f}ms {e99 * 1e3:>6.3f}ms | {f50 / e50:>8.2f}x {f99 / e99:>5.2f}x | "
+                      f"{m50 * 1e3:>9.3f}ms {(f50 - m50) / e50:>13.2f}x")
+        finally:
+            backend.close()
+
+
+def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
+    from transformers import MixtralForCausalLM
+
+    from router import LLM, SamplingParams
+
+    path = bench_checkpoint(tmp / "bench")
+    hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seqs = max(args.batch_sizes)
+    default_threads = torch.get_num_threads()
+    llms = {"local": LLM(path, expert_backend="local", max_num_seqs=seqs)}
+    try:
+        for shards in args.decode_shards:
+            llms[f"ray/{shards}"] = LLM(path, expert_backend="ray", max_num_seqs=seqs, num_shards=shards,
+                                        expert_num_cpus=0.1)
+        n = args.new_tokens
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        rays = [k for k in llms if k != "local"]
+        print(f"\n== decode throughput (tok/s), benchmark checkpoint (hidden 512, 4 layers, 8 experts), "
+              f"{n} new tokens after {args.prompt_len}-token prompts; ray/S: experts in S shards x 1 replica"
+              f" (router: {args.router_threads} torch thread(s)); local and HF: the faster of 1 and "
+              f"{default_threads} threads (2-thread torch stalls when the CPUs are oversubscribed)")
+        print(f"{'batch':>5} | " + " ".join(f"{k:>8}" for k in [*rays, "local", "HF"]) + " | "
+              + " ".join(f"{k + ' vs local':>16} {'vs HF':>6}" for k in rays))
+        with torch.inference_mode():
+            for b in args.batch_sizes:
+                prompts = torch.randint(0, hf.config.vocab_size, (b, args.prompt_len),
+                                        generator=torch.Generator().manual_seed(b))
+                batch = [{"prompt_token_ids": p} for p in prompts.tolist()]
+                tokens = {k: [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+                          for k, llm in llms.items()}
+                fns = {k: with_threads(args.router_threads,
+                                       lambda llm=llm, batch=batch: llm.generate(batch, params))
+                       for k, llm in llms.items() if k != "local"}
+                for t in sorted({1, default_threads}):
+                    fns[f"local@{t}"] = with_threads(t, lambda batch=batch: llms["local"].generate(batch,
+                                                                                                  params))
+                    fns[f"HF@{t}"] = with_threads(t, lambda p=prompts: hf.generate(
+                        p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
+                best = best_of_each(fns, args.repeats)
+                tps = {k: b * n / t for k, t in best.items()}
+                for ref in ("local", "HF"):
+                    tps[ref] = max(v for k, v in tps.items() if k.startswith(ref + "@"))
+                same = all(tokens[k] == tokens["local"] for k in rays)
+                print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
+                      + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
+                      + ("" if same else "   (ray and local tokens differ!)"))
+    finally:
+        torch.set_num_threads(default_threads)
+        for llm in llms.values():
+            llm.shutdown()
+
+
+def run(args: DispatchBenchOptions) -> None:
+    import ray
+
+    from cluster.ray_init import start_or_join_ray, start_serve
+
+    torch.manual_seed(0)
+    started_ray = start_or_join_ray()
+    started_serve = start_serve()
+    print(f"ray {ray.__version__}, driver torch threads {torch.get_num_threads()}, "
+          f"cluster CPUs {ray.cluster_resources().get('CPU')}")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if not args.skip_latency:
+                bench_latency(args, Path(tmp))
+            if not args.skip_decode:
+                bench_decode(args, Path(tmp))
+    finally:
+        if started_serve:
+            from ray import serve
+
+            serve.shutdown()
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,111 @@
+"""`raymoe bench engine`: the engine's decode and prefill beside HF transformers on the same weights,
+and decode speed over a long generation (per-token cost must not grow with the output)."""
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.harness import bench_checkpoint, best_of, best_of_pair
+from checkpoint.bundled import BUNDLED_MODEL
+
+
+@dataclass
+class EngineBenchOptions:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={"help": "decode batch sizes"})
+    new_tokens: int = field(default=48, metadata={"help": "tokens generated per sequence in the decode runs"})
+    prompt_len: int = field(default=16, metadata={"help": "prompt tokens per sequence in the decode runs"})
+    prefill_len: int = field(default=1024, metadata={"help": "prompt tokens of the prefill run"})
+    repeats: int = field(default=3, metadata={"help": "timed runs per measurement (the best counts)"})
+    checkpoint: Path | None = field(default=None, metadata={
+        "help": "benchmark checkpoint dir (default: a fresh random one)"})
+    long_tokens: list[int] = field(default_factory=lambda: [1024, 16384], metadata={
+        "help": "output lengths of the long-generation runs (bundled model, one sequence, text and stop "
+                "strings on); empty to skip"})
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_of(lambda: a @ b, repeats)
+
+
+def flops_per_token(cfg) -> int:
+    """Matmul FLOPs of one decoded token, attention score work over the window included."""
+    d, hd = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    attn = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    experts = cfg.num_experts_per_tok * 3 * d * cfg.intermediate_size
+    scores = 2 * cfg.num_attention_heads * hd * (cfg.sliding_window or 0)
+    per_layer = attn + d * cfg.num_local_experts + experts + scores
+    return 2 * (cfg.num_hidden_layers * per_layer + d * cfg.vocab_size)
+
+
+def long_generation(lengths: list[int]) -> None:
+    """Decode tokens/s of one sequence of the bundled model for each output length: with incremental
+    detokenization and stop-string checks the rate must not fall as the output grows."""
+    from router import LLM, SamplingParams
+
+    llm = LLM(BUNDLED_MODEL, expert_backend="local", max_num_seqs=1)
+    try:
+        print(f"\n== long generation: bundled model, one sequence, text decoded and 2 stop strings checked "
+              f"every token, torch threads {torch.get_num_threads()}")
+        rates = {}
+        for n in lengths:
+            params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                    stop=["\x00never-1", "\x00never-2"])
+            t = time.perf_counter()
+            out = llm.generate(["def fibonacci(n):"], params)[0].outputs[0]
+            rates[n] = len(out.token_ids) / (time.perf_counter() - t)
+            print(f"{n:>6} tokens: {rates[n]:>7.1f} tok/s ({len(out.text)} characters of text)")
+        if len(lengths) > 1:
+            lo, hi = min(lengths), max(lengths)
+            print(f"{hi} vs {lo} tokens: {rates[hi] / rates[lo]:.2f}x the rate")
+    finally:
+        llm.shutdown()
+
+
+def run(o: EngineBenchOptions) -> None:
+    from transformers import MixtralForCausalLM
+
+    from router import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        path = bench_checkpoint(o.checkpoint or Path(tmp) / "bench")
+        hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        llm = LLM(path, max_num_seqs=max(o.batch_sizes))
+        vocab = hf.config.vocab_size
+        print(f"checkpoint {path}: {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M params, "
+              f"torch threads {torch.get_num_threads()}")
+        print(f"{'measure':<22}{'raymoe':>12}{'transformers':>14}{'ratio':>8}")
+
+        def row(name: str, ours: float, ref: float, unit: str) -> None:
+            print(f"{name:<22}{ours:>10.1f}{unit:>2}{ref:>12.1f}{unit:>2}{ours / ref:>7.2f}x")
+
+        n = o.new_tokens
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        ours_tps = {}
+        for b in o.batch_sizes:
+            prompts = torch.randint(0, vocab, (b, o.prompt_len))
+            ours_t, ref_t = best_of_pair(
+                lambda p=prompts: llm.generate([{"prompt_token_ids": x} for x in p.tolist()], params),
+                lambda p=prompts: hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0),
+                o.repeats)
+            ours_tps[b] = b * n / ours_t
+            row(f"decode b={b} (tok/s)", ours_tps[b], b * n / ref_t, "")
+
+        prompt = torch.randint(0, vocab, (1, o.prefill_len))
+        one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        ours_t, ref_t = best_of_pair(lambda: llm.generate([{"prompt_token_ids": prompt[0].tolist()}], one),
+                                     lambda: hf(prompt, logits_to_keep=1), o.repeats)
+        row(f"prefill {o.prefill_len} (tok/s)", o.prefill_len / ours_t, o.prefill_len / ref_t, "")
+
+        peak = matmul_peak_flops()
+        b = max(o.batch_sizes)
+        achieved = ours_tps[b] * flops_per_token(hf.config)
+        print(f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s (1024^3 mm); decode b={b} reaches "
+              f"{achieved / 1e9:.2f} GFLOP/s = {achieved / peak:.1%} of it")
+        llm.shutdown()
+    if o.long_tokens:
+        long_generation(o.long_tokens)

@@ -1,0 +1,238 @@
+"""The `raymoe` command line: it parses arguments and calls. Every flag is derived from a settings or
+options dataclass (its field name, type, default and `help` metadata), so flags, the Serve config and
+`LLM(...)` keyword arguments never disagree."""
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.dispatch import DispatchBenchOptions
+from bench.engine import EngineBenchOptions
+from bench.routing import RoutingReportOptions
+from bench.serve import ServeBenchOptions
+from checkpoint.bundled import BUNDLED_MODEL
+from router.config import EngineConfig, ExpertPlaneConfig
+from server.config import ServerConfig
+from training.train import TrainConfig
+
+SETTINGS = (EngineConfig, ExpertPlaneConfig, ServerConfig)
+
+
+@dataclass
+class RayOptions:
+    address: str | None = field(default=None, metadata={
+        "help": "join this Ray cluster ('auto': the local one) instead of starting one (default: $RAY_ADDRESS)"})
+    num_cpus: int | None = field(default=None, metadata={
+        "help": "logical CPUs of a Ray started here (default: this machine's)"})
+
+
+@dataclass
+class ConfigOutput:
+    output: str | None = field(default=None, metadata={"help": "write the YAML here (default: stdout)",
+                                                        "flags": ["-o", "--output"]})
+
+
+@dataclass
+class GenerateOptions:
+    prompts: list[str] = field(default_factory=lambda: ["def fibonacci(n):", "import os\n"], metadata={
+        "help": "prompt texts", "positional": True})
+    model: str = field(default=str(BUNDLED_MODEL), metadata={"help": "HF checkpoint directory (default: bundled)"})
+    expert_backend: str = field(default="local", metadata={"help": "where the experts run",
+                                                           "choices": ["local", "ray"]})
+    dtype: str = field(default="float32", metadata={"help": "weights and compute dtype",
+                                                    "choices": ["float32", "bfloat16", "float16"]})
+    max_tokens: int = field(default=64, metadata={"help": "tokens generated per prompt"})
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy"})
+
+
+@dataclass
+class TrainOutput:
+    out: Path = field(default=BUNDLED_MODEL, metadata={"help": "checkpoint directory to write (default: the "
+                                                               "bundled one)"})
+    threads: int = field(default=1, metadata={
+        "help": "torch CPU threads (one wastes least on a busy machine; results may differ with more)"})
+
+
+# --- flags from dataclasses ---------------------------------------------------------------------------
+
+
+def _flag_type(annotation) -> tuple[type, bool]:
+    """(element type, is a list) of a field's annotation, None stripped from unions."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def add_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of `cls`, unless its metadata says cli False (values only a config file holds)."""
+    hints = typing.get_type_hints(cls)
+    group = p.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("cli") is False:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind, many = _flag_type(hints[f.name])
+        kw: dict = {"help": meta.get("help", "") + ("" if default is None else f" [{default}]"),
+                    "default": default, "dest": f.name}
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+            if many:
+                kw["nargs"] = "*" if meta.get("positional") else "+"
+        if meta.get("positional"):
+            kw.pop("dest")
+            group.add_argument(f.name, **kw)
+        else:
+            group.add_argument(*meta.get("flags", ["--" + f.name.replace("_", "-")]), **kw)
+
+
+def build(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def settings(args: argparse.Namespace) -> tuple[EngineConfig, ExpertPlaneConfig, ServerConfig]:
+    """The three settings dataclasses from parsed `serve`/`config` flags (API key from $RAYMOE_API_KEY)."""
+    engine, plane, server = (build(cls, args) for cls in SETTINGS)
+    if server.api_key is None and os.environ.get("RAYMOE_API_KEY"):
+        server = dataclasses.replace(server, api_key=os.environ["RAYMOE_API_KEY"])
+    return engine, plane, server
+
+
+# --- what each command calls ---------------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace) -> int:
+    from checkpoint.reader import CheckpointError
+    from cluster.deploy import serve_until_stopped
+
+    ray = build(RayOptions, args)
+    try:
+        serve_until_stopped(*settings(args), address=ray.address, num_cpus=ray.num_cpus)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"raymoe serve: {e}")
+    return 0
+
+
+def config(args: argparse.Namespace) -> int:
+    from cluster.serve_config import serve_config, to_yaml
+
+    text = to_yaml(serve_config(*settings(args)))
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    import time
+
+    from router import LLM, SamplingParams
+
+    o = build(GenerateOptions, args)
+    llm = LLM(o.model, expert_backend=o.expert_backend, dtype=o.dtype)
+    try:
+        t = time.perf_counter()
+        outs = llm.generate(o.prompts, SamplingParams(temperature=o.temperature, max_tokens=o.max_tokens))
+        dt = time.perf_counter() - t
+    finally:
+        llm.shutdown()
+    n = sum(len(out.outputs[0].token_ids) for out in outs)
+    for out in outs:
+        print(f"--- {out.prompt!r}\n{out.prompt}{out.outputs[0].text}")
+    print(f"--- {n} tokens in {dt:.2f}s ({n / dt:.1f} tok/s), experts: {o.expert_backend}")
+    return 0
+
+
+def train_tiny(args: argparse.Namespace) -> int:
+    from training.train import main
+
+    out = build(TrainOutput, args)
+    return main(build(TrainConfig, args), Path(out.out), out.threads)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from bench.routing import run
+
+    return run(build(RoutingReportOptions, args))
+
+
+def bench(options_cls, module: str) -> Callable[[argparse.Namespace], int]:
+    def call(args: argparse.Namespace) -> int:
+        import importlib
+
+        importlib.import_module(module).run(build(options_cls, args))
+        return 0
+    return call
+
+
+# name -> (help, option dataclasses, function)
+COMMANDS = {
+    "serve": ("serve a model over the OpenAI API on Ray Serve (experts as Ray actors)",
+              (*SETTINGS, RayOptions), serve),
+    "config": ("write the Ray Serve config YAML that `serve` and KubeRay run", (*SETTINGS, ConfigOutput), config),
+    "generate": ("generate from prompts offline, in this process", (GenerateOptions,), generate),
+    "train-tiny": ("train the bundled tiny Mixtral on the standard library's Python",
+                   (TrainConfig, TrainOutput), train_tiny),
+}
+BENCHMARKS = {
+    "engine": ("decode/prefill of the engine beside HF transformers; long-generation decode rate",
+               EngineBenchOptions, "bench.engine"),
+    "dispatch": ("gRPC scatter/gather latency and ray-vs-local decode", DispatchBenchOptions, "bench.dispatch"),
+    "serve": ("HTTP streaming latency and throughput beside offline generate", ServeBenchOptions, "bench.serve"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raymoe",
+        description="Serve Mixtral-style Mixture-of-Experts models on Ray, every expert shard its own actor.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, classes, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        for cls in classes:
+            add_flags(p, cls)
+        p.set_defaults(func=fn)
+    p = sub.add_parser("inspect", help="inspect a model: `inspect routing` prints expert-locality tables",
+                       description="expert locality of a model on the held-out standard-library files")
+    p.add_argument("what", choices=["routing"], help="what to inspect")
+    add_flags(p, RoutingReportOptions)
+    p.set_defaults(func=inspect)
+    b = sub.add_parser("bench", help="benchmarks, each side by side with its reference, reported as ratios")
+    bench_sub = b.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (help, cls, module) in BENCHMARKS.items():
+        p = bench_sub.add_parser(name, help=help, description=help)
+        add_flags(p, cls)
+        p.set_defaults(func=bench(cls, module))
+    return parser
+
+
+def parse_settings(argv: list[str]) -> tuple[EngineConfig, ExpertPlaneConfig, ServerConfig]:
+    """`raymoe config` flags as settings, for code that builds configs (tests, benchmarks)."""
+    return settings(build_parser().parse_args(["config", *argv]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

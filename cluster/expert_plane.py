@@ -1,0 +1,134 @@
+"""The expert plane as one Serve application; how a router (driver or Serve replica) connects to it; and
+the "ray" expert backend that `LLM(..., expert_backend="ray")` gets through the entry point."""
+
+import logging
+import uuid
+
+import torch
+from ray import serve
+
+from checkpoint.args import parse_dtype
+from checkpoint.reader import Checkpoint
+from cluster.directory import DirectoryClient
+from cluster.placement import PlacementPlan
+from cluster.ray_init import fit_cpus, remove_apps, start_or_join_ray, start_serve
+from experts.replica import ExpertShard
+from experts.wire import WIRE_NAMES
+from router.config import ExpertPlaneConfig
+from router.dispatch import ExpertBackend
+from router.grpc_dispatch import GrpcExperts
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="ExpertPlane", ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=2)
+class ExpertPlane:
+    """Ingress of the expert plane: binds every ExpertShard deployment so that one app deploys them all.
+
+    Routers do not call through it: they speak gRPC to the replicas they find in the directory.
+    """
+
+    def __init__(self, *shards):
+        self.shards = shards  # DeploymentHandles, kept so the shards belong to this application
+
+
+def placement_plan(plane: ExpertPlaneConfig, n_layers: int, n_experts: int) -> PlacementPlan:
+    if plane.placement is not None:
+        plan = PlacementPlan.from_sets(plane.placement, plane.replicas_per_shard)
+    else:
+        plan = PlacementPlan.expert_parallel(n_layers, n_experts, plane.num_shards, plane.replicas_per_shard)
+    return plan.validate(n_layers, n_experts)
+
+
+def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserved_cpus: float = 0.0
+                       ) -> serve.Application:
+    """ExpertPlane bound to one ExpertShard-<i> deployment per shard of the plan.
+
+    Replicas get plane.num_gpus GPUs and plane.expert_num_cpus CPUs each; without a CPU count, 0.1 with
+    GPUs, else 1 fitted to the cluster's free CPUs less `reserved_cpus` (what deploys beside them).
+    """
+    parse_dtype(dtype)
+    a = Checkpoint(model).args
+    plan = placement_plan(plane, a.n_layers, a.n_experts)
+    num_cpus = plane.expert_num_cpus
+    if num_cpus is None:
+        num_cpus = 0.1 if plane.num_gpus else fit_cpus(sum(s.replicas for s in plan.shards), reserved_cpus)
+    actor_options = {"num_cpus": num_cpus}
+    if plane.num_gpus:
+        actor_options["num_gpus"] = plane.num_gpus
+    registry = DirectoryClient()
+    shards = [
+        ExpertShard.options(name=f"ExpertShard-{i}", num_replicas=shard.replicas, ray_actor_options=actor_options)
+        .bind(str(model), dtype, i, [list(p) for p in shard.pairs], len(plan.shards), registry,
+              plane.max_message_bytes)
+        for i, shard in enumerate(plan.shards)
+    ]
+    return ExpertPlane.bind(*shards)
+
+
+def current_app_name() -> str | None:
+    """The Serve application of the calling replica, or None outside Serve."""
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # RayServeException outside a replica
+        return None
+
+
+def connect_experts(ckpt: Checkpoint, dtype: torch.dtype, app_name: str | None = None, *,
+                    timeout_s: float = 300.0, call_timeout_s: float = ExpertPlaneConfig.call_timeout_s
+                    ) -> ExpertBackend:
+    """The gRPC backend to the expert plane `app_name`, once every shard has a live replica.
+
+    app_name defaults to the caller's own Serve application, else to the only plane in the cluster.
+    """
+    directory = DirectoryClient()
+    if app_name is None:
+        app_name = current_app_name()
+    if app_name is None:
+        names = directory.app_names()
+        if len(names) != 1:
+            raise ValueError(f"pass app_name: the cluster runs expert planes {names}")
+        app_name = names[0]
+    directory.app = app_name
+    entries = directory.wait_for_shards(timeout_s)
+    want = WIRE_NAMES[dtype]
+    bad = {e["dtype"] for e in entries} - {want}
+    if bad:
+        raise ValueError(f"expert plane {app_name!r} serves {sorted(bad)} experts, this router runs {want}")
+    a = ckpt.args
+    return GrpcExperts(directory, a.n_layers, a.n_experts, timeout_s=call_timeout_s)
+
+
+class RayExperts(ExpertBackend):
+    """The gRPC backend to an expert plane this process deployed; close() removes the plane again."""
+
+    def __init__(self, backend: GrpcExperts, app_name: str, started_serve: bool, started_ray: bool):
+        self.backend, self.app_name = backend, app_name
+        self.started_serve, self.started_ray = started_serve, started_ray
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+        return self.backend.forward(layer, x, expert_ids, weights)
+
+    def close(self) -> None:
+        self.backend.close()
+        remove_apps([self.app_name], self.started_serve, self.started_ray)
+
+
+def ray_expert_backend(plane: ExpertPlaneConfig, ckpt: Checkpoint, dtype: torch.dtype) -> ExpertBackend:
+    """`LLM(..., expert_backend="ray")`: start or join Ray, deploy the experts as a Serve application of
+    their own, and return the gRPC backend to it."""
+    placement_plan(plane, ckpt.args.n_layers, ckpt.args.n_experts)  # a bad plan fails before Ray starts
+    started_ray = start_or_join_ray()
+    started_serve = False
+    name = f"raymoe-experts-{uuid.uuid4().hex[:8]}"
+    try:
+        app = build_expert_plane(str(ckpt.path), WIRE_NAMES[dtype], plane)
+        started_serve = start_serve()
+        serve.run(app, name=name, route_prefix=None)
+        log.info("expert plane %r is up", name)
+        backend = connect_experts(ckpt, dtype, name, call_timeout_s=plane.call_timeout_s)
+        return RayExperts(backend, name, started_serve, started_ray)
+    except BaseException:
+        remove_apps([name], started_serve, started_ray)
+        raise

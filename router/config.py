@@ -1,0 +1,78 @@
+"""Settings of the inference core, one dataclass per concern, each default written here once.
+
+`raymoe` flags, the Serve config's application args and `LLM(...)` keyword arguments are all derived
+from these fields (their `help` metadata becomes the flag's help).
+"""
+
+from dataclasses import dataclass, field, fields
+
+from checkpoint.args import DTYPES, parse_dtype
+
+EXPERT_BACKENDS = ("ray", "local")
+
+
+@dataclass
+class EngineConfig:
+    """The model and how one router batches it."""
+
+    model: str = field(default="models/tiny-mixtral", metadata={
+        "help": "HF checkpoint directory (default: the bundled tiny Mixtral, found relative to the repository)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "weights and compute dtype", "choices": sorted(DTYPES)})
+    max_num_seqs: int = field(default=64, metadata={"help": "sequences batched per router"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context limit (default: the model's)"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens per engine step"})
+    chunk_size: int | None = field(default=None, metadata={
+        "help": "prompt tokens per prefill chunk (default: the step's token budget)"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling for requests that give none"})
+
+    def __post_init__(self):
+        parse_dtype(self.dtype)
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "chunk_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+@dataclass
+class ExpertPlaneConfig:
+    """Where the experts run: in the router's process, or as Ray Serve deployments reached over gRPC."""
+
+    expert_backend: str = field(default="ray", metadata={
+        "help": "ray: expert shards as Serve deployments reached over gRPC; local: in the router process "
+                "(LLM(...) defaults to local)", "choices": EXPERT_BACKENDS})
+    num_shards: int | None = field(default=None, metadata={
+        "help": "expert shards (default: one per expert index, as expert parallelism)"})
+    replicas_per_shard: int = field(default=1, metadata={"help": "replicas of every expert shard"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per expert replica"})
+    expert_num_cpus: float | None = field(default=None, metadata={
+        "help": "CPUs per expert replica (default: 1, fitted down to what the cluster has free; 0.1 with GPUs)"})
+    placement: list | None = field(default=None, metadata={
+        "help": "shards as lists of [layer, expert] pairs (default: expert-parallel over num_shards)",
+        "cli": False})
+    max_message_bytes: int = field(default=64 << 20, metadata={
+        "help": "largest gRPC message between router and replica (2048 tokens of dim 4096 in float32: 32 MiB)"})
+    call_timeout_s: float = field(default=10.0, metadata={"help": "deadline of each router-to-replica call"})
+
+    def __post_init__(self):
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(f"expert_backend must be one of {EXPERT_BACKENDS}, got {self.expert_backend!r}")
+        if self.replicas_per_shard < 1:
+            raise ValueError(f"replicas_per_shard must be >= 1, got {self.replicas_per_shard}")
+        if self.num_gpus < 0 or (self.expert_num_cpus is not None and self.expert_num_cpus <= 0):
+            raise ValueError(f"num_gpus must be >= 0 and expert_num_cpus > 0, got {self.num_gpus} and "
+                             f"{self.expert_num_cpus}")
+
+
+def field_names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def split_settings(options: dict, *classes) -> list[dict]:
+    """Spread flat keyword settings over the dataclasses that own them; unknown names are an error."""
+    out = [{k: v for k, v in options.items() if k in field_names(c)} for c in classes]
+    unknown = sorted(set(options) - set().union(*(field_names(c) for c in classes)))
+    if unknown:
+        known = sorted(set().union(*(field_names(c) for c in classes)))
+        raise TypeError(f"unknown settings {unknown}; known: {known}")
+    return out
