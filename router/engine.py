@@ -9,6 +9,7 @@ import torch
 
 from attention.cache import RollingKVCache
 from router.config import EngineConfig
+from router.detokenizer import IncrementalDetokenizer, StopStrings
 from router.dispatch import ExpertBackend
 from router.model import RouterModel
 from router.sampling import SamplingParams, sample_row
@@ -44,6 +45,8 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     prompt_rows: list[torch.Tensor] = field(default_factory=list)
     text: str = ""
+    detokenizer: IncrementalDetokenizer | None = None  # set when the engine has a tokenizer
+    stops: StopStrings | None = None
     finish_reason: str | None = None
 
     @property
@@ -114,6 +117,9 @@ class Engine:
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
         seq = Sequence(seq_id if seq_id is not None else str(next(self._ids)), list(prompt_ids), params, gen,
                        chunk_size or self.chunk_size, prompt=prompt, keep_prompt_rows=keep_prompt_rows)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+            seq.stops = StopStrings(params.stop)
         self.waiting.append(seq)
         return seq
 
@@ -218,19 +224,27 @@ class Engine:
             s.output_logprobs.append(top_logprobs(logprobs, s.params.logprobs, tok))
         self.num_generated_tokens += 1
         p = s.params
-        if self.tokenizer is not None:
-            s.text = self.tokenizer.decode(s.output_ids)
-            for stop in p.stop:
-                at = s.text.find(stop)
-                if at >= 0:
-                    s.text = s.text[:at]
-                    return self._finish(s, "stop")
+        if s.detokenizer is not None and self._stopped_by_string(s, s.detokenizer.step(tok)):
+            return self._finish(s, "stop")
         if (tok in self.args.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(s, "stop")
         if len(s.output_ids) >= p.max_tokens or s.num_computed + 1 >= self.max_model_len:
             return self._finish(s, "length")
 
+    @staticmethod
+    def _stopped_by_string(s: Sequence, delta: str) -> bool:
+        """Take the text a token completed; True (text cut before it) when it completes a stop string."""
+        s.text = s.detokenizer.text
+        at = s.stops.find(s.text, len(delta))
+        if at >= 0:
+            s.text = s.text[:at]
+        return at >= 0
+
     def _finish(self, s: Sequence, reason: str) -> None:
+        if s.detokenizer is not None and reason != "abort" and len(s.text) == len(s.detokenizer.text):
+            # Ended on a token that left a character incomplete: its text goes out as U+FFFD.
+            if self._stopped_by_string(s, s.detokenizer.flush()):
+                reason = "stop"
         s.finish_reason = reason
         if s.row is not None:
             self.free_rows.append(s.row)

@@ -15,6 +15,7 @@ from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient, get_directory
 from cluster.expert_plane import build_expert_plane, connect_experts
 from cluster.placement import PlacementPlan
+from cluster.ray_init import fit_cpus
 from experts.ffn import ExpertSet
 from experts.replica import SERVICE, ExpertServicer, GrpcServer
 from experts.wire import WireError, from_wire, to_wire
@@ -93,6 +94,22 @@ def test_wire_round_trip(dtype):
 def test_bad_backend_options_fail_before_deploying(ckpt):
     with pytest.raises(ValueError, match="num_shards must be in"):
         LLM(ckpt[0], expert_backend="ray", num_shards=5)
+    with pytest.raises(TypeError, match="unknown settings \\['num_cpus'\\]"):
+        LLM(ckpt[0], expert_backend="ray", num_cpus=0.1)
+
+
+def test_default_cpu_share_fits_the_cluster_or_fails_at_once(ray_session, ckpt):
+    free = ray.available_resources()["CPU"]
+    share = fit_cpus(20)
+    assert 0.05 <= share <= min(1.0, free / 20)
+    assert fit_cpus(1) == 1.0
+    app = build_expert_plane(str(ckpt[0]), "float32", ExpertPlaneConfig(num_shards=4, replicas_per_shard=5))
+    assert {d._bound_deployment.ray_actor_options["num_cpus"] for d in app._bound_deployment.init_args} == {share}
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="do not fit .* pass fewer --num-shards/--replicas-per-shard, an explicit "
+                                         "--expert-num-cpus"):
+        LLM(ckpt[0], expert_backend="ray", num_shards=4, replicas_per_shard=1000)
+    assert time.monotonic() - t < 60  # at once, not after the 300 s wait for replicas that never schedule
 
 
 def test_gpus_reach_the_replica_actor_options(ckpt):
