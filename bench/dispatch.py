@@ -24,6 +24,8 @@ from protos import expert_pb2
 
 @dataclass
 class DispatchBenchOptions:
+    """The latency and decode runs."""
+
     hidden: list[int] = field(default_factory=lambda: [512, 4096], metadata={"help": "hidden sizes (latency runs)"})
     tokens: list[int] = field(default_factory=lambda: [1, 16, 64, 256], metadata={"help": "tokens per layer call"})
     intermediate: int = field(default=16, metadata={

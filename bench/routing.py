@@ -138,6 +138,8 @@ def load_trace(path: str | Path) -> list[SequenceTrace]:
 
 @dataclass
 class RoutingReportOptions:
+    """The model to inspect and where its routing trace goes."""
+
     model: str = field(default=str(BUNDLED_MODEL), metadata={"help": "HF checkpoint directory (default: bundled)"})
     trace_out: str = field(default="runs/routing_trace.msgpack", metadata={
         "help": "where to save the routing trace (msgpack); '' to skip"})

@@ -18,6 +18,8 @@ from checkpoint.bundled import BUNDLED_MODEL
 
 @dataclass
 class ServeBenchOptions:
+    """The server, its load levels and the plot."""
+
     model: Path | None = field(default=None, metadata={
         "help": "checkpoint (default: the bundled one, else the benchmark one)"})
     expert_backend: str = field(default="ray", metadata={"help": "where the experts run",

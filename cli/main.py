@@ -27,6 +27,8 @@ SETTINGS = (EngineConfig, ExpertPlaneConfig, ServerConfig)
 
 @dataclass
 class RayOptions:
+    """Which Ray cluster."""
+
     address: str | None = field(default=None, metadata={
         "help": "join this Ray cluster ('auto': the local one) instead of starting one (default: $RAY_ADDRESS)"})
     num_cpus: int | None = field(default=None, metadata={
@@ -35,25 +37,26 @@ class RayOptions:
 
 @dataclass
 class ConfigOutput:
+    """Where the config goes."""
+
     output: str | None = field(default=None, metadata={"help": "write the YAML here (default: stdout)",
                                                         "flags": ["-o", "--output"]})
 
 
 @dataclass
 class GenerateOptions:
+    """What to generate."""
+
     prompts: list[str] = field(default_factory=lambda: ["def fibonacci(n):", "import os\n"], metadata={
         "help": "prompt texts", "positional": True})
-    model: str = field(default=str(BUNDLED_MODEL), metadata={"help": "HF checkpoint directory (default: bundled)"})
-    expert_backend: str = field(default="local", metadata={"help": "where the experts run",
-                                                           "choices": ["local", "ray"]})
-    dtype: str = field(default="float32", metadata={"help": "weights and compute dtype",
-                                                    "choices": ["float32", "bfloat16", "float16"]})
     max_tokens: int = field(default=64, metadata={"help": "tokens generated per prompt"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy"})
 
 
 @dataclass
 class TrainOutput:
+    """Where the checkpoint goes."""
+
     out: Path = field(default=BUNDLED_MODEL, metadata={"help": "checkpoint directory to write (default: the "
                                                                "bundled one)"})
     threads: int = field(default=1, metadata={
@@ -82,7 +85,8 @@ def add_flags(p: argparse.ArgumentParser, cls) -> None:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kind, many = _flag_type(hints[f.name])
-        kw: dict = {"help": meta.get("help", "") + ("" if default is None else f" [{default}]"),
+        shown = "" if default is None else " [%(default)s]"  # argparse fills in set_defaults' value too
+        kw: dict = {"help": meta.get("help", "").replace("%", "%%") + shown,
                     "default": default, "dest": f.name}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
@@ -144,7 +148,8 @@ def generate(args: argparse.Namespace) -> int:
     from router import LLM, SamplingParams
 
     o = build(GenerateOptions, args)
-    llm = LLM(o.model, expert_backend=o.expert_backend, dtype=o.dtype)
+    engine, plane = build(EngineConfig, args), build(ExpertPlaneConfig, args)
+    llm = LLM(**dataclasses.asdict(engine), **dataclasses.asdict(plane))
     try:
         t = time.perf_counter()
         outs = llm.generate(o.prompts, SamplingParams(temperature=o.temperature, max_tokens=o.max_tokens))
@@ -154,7 +159,7 @@ def generate(args: argparse.Namespace) -> int:
     n = sum(len(out.outputs[0].token_ids) for out in outs)
     for out in outs:
         print(f"--- {out.prompt!r}\n{out.prompt}{out.outputs[0].text}")
-    print(f"--- {n} tokens in {dt:.2f}s ({n / dt:.1f} tok/s), experts: {o.expert_backend}")
+    print(f"--- {n} tokens in {dt:.2f}s ({n / dt:.1f} tok/s), experts: {plane.expert_backend}")
     return 0
 
 
@@ -185,7 +190,8 @@ COMMANDS = {
     "serve": ("serve a model over the OpenAI API on Ray Serve (experts as Ray actors)",
               (*SETTINGS, RayOptions), serve),
     "config": ("write the Ray Serve config YAML that `serve` and KubeRay run", (*SETTINGS, ConfigOutput), config),
-    "generate": ("generate from prompts offline, in this process", (GenerateOptions,), generate),
+    "generate": ("generate from prompts offline, in this process (experts: local unless told)",
+                 (GenerateOptions, EngineConfig, ExpertPlaneConfig), generate),
     "train-tiny": ("train the bundled tiny Mixtral on the standard library's Python",
                    (TrainConfig, TrainOutput), train_tiny),
 }
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         for cls in classes:
             add_flags(p, cls)
         p.set_defaults(func=fn)
+    sub.choices["generate"].set_defaults(expert_backend="local")  # LLM's offline default
     p = sub.add_parser("inspect", help="inspect a model: `inspect routing` prints expert-locality tables",
                        description="expert locality of a model on the held-out standard-library files")
     p.add_argument("what", choices=["routing"], help="what to inspect")

@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 import torch
 
+from checkpoint.args import DTYPES
 from protos import expert_pb2
 
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-               "int32": torch.int32}
+WIRE_DTYPES = {**DTYPES, "int32": torch.int32}
 WIRE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 # The transport accepts this many times a replica's message limit, so that messages a little over
 # the limit reach the handler and get INVALID_ARGUMENT with a reason rather than RESOURCE_EXHAUSTED.

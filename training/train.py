@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
+    """The tiny model's shape, data and optimiser; every flag of `raymoe train-tiny`."""
+
     seed: int = 0
     steps: int = 1200
     batch_size: int = 8
