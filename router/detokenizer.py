@@ -19,11 +19,16 @@ from router.tokenizer import Tokenizer
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the output, as vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET
 INCOMPLETE = "\ufffd"  # what a byte-level decoder makes of a character still missing bytes
+MAX_PENDING = 4  # held-back tokens before looking for a boundary the decoder restarts at (a character is <= 4 bytes)
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
         self.tokenizer = tokenizer
+        # Decode drops these before the decoder sees them, so the window need not hold them: a run of them
+        # (an EOS loop under ignore_eos) would otherwise widen the window token by token.
+        self.special = {i for i, t in tokenizer.tok.get_added_tokens_decoder().items() if t.special}
+        self.hf = tokenizer.tok
         context = list(prompt_ids[-CONTEXT_TOKENS:])
         if tokenizer.decode(context).endswith(INCOMPLETE):
             # The prompt ends inside a character: its continuation then reads as the plain decode of the
@@ -41,14 +46,35 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         """Add a generated token; return the text it completes ('' while a character is incomplete)."""
+        if token_id in self.special or self.hf.id_to_token(token_id) is None:  # ids outside the vocabulary decode to ""
+            return ""
         self.ids.append(token_id)
         prefix, full = self._window_texts()
-        if len(full) <= len(prefix) or full.endswith(INCOMPLETE):
+        end = len(self.ids)
+        if full.endswith(INCOMPLETE):
+            if end - self.read_offset < MAX_PENDING:
+                return ""
+            # Bytes that can never complete (stray continuation bytes) would hold the window open for good.
+            # Emit up to the latest token boundary the decoder restarts at: there, decoding the two sides
+            # apart gives the same text as decoding them together, whatever bytes come later.
+            end = self._restart_boundary(prefix, full)
+            if end < 0:
+                return ""
+            full = self.tokenizer.decode(self.ids[self.prefix_offset : end])
+        if len(full) <= len(prefix):
             return ""
         delta = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.prefix_offset, self.read_offset = self.read_offset, end
         self.text += delta
         return delta
+
+    def _restart_boundary(self, prefix: str, full: str) -> int:
+        for k in range(len(self.ids) - 1, self.read_offset, -1):
+            # The tail must have text: with no byte after k, bytes before it may still complete a character.
+            head, tail = self.tokenizer.decode(self.ids[self.prefix_offset : k]), self.tokenizer.decode(self.ids[k:])
+            if tail and head.startswith(prefix) and full == head + tail:
+                return k
+        return -1
 
     def flush(self) -> str:
         """At the end of the sequence: what is still held back (an incomplete character, as U+FFFD)."""

@@ -80,8 +80,8 @@ def test_cost_per_token_is_flat(tok):
     tok.sizes.clear()
     for _ in range(5000):
         d.step(rng.choice(pool))
-    # Two decodes per token, each over a window of the context plus the last few tokens, never the output.
-    assert len(tok.sizes) == 2 * 5000
+    # A few decodes per token, each over a window of the context plus the last few tokens, never the output.
+    assert len(tok.sizes) <= 3 * 5000
     assert max(tok.sizes) <= CONTEXT_TOKENS + 16
 
 
@@ -119,3 +119,15 @@ def test_engine_text_and_earliest_stop():
         assert cut.finish_reason == "stop" and cut.text == out.text[: out.text.index(a)]
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("run", ["special", "stray_bytes"])
+def test_window_stays_short_through_text_free_runs(tok, run):
+    """An EOS loop (ignore_eos) or bytes that never form a character must not widen the decode window."""
+    a, cont = tok.encode(" a")[-1], tok.tok.token_to_id("\u00a9")  # byte 0xA9: a lone continuation byte
+    out = [a] + [2 if run == "special" else cont] * 2000 + [a]
+    d = IncrementalDetokenizer(tok, tok.encode("x"))
+    tok.sizes.clear()
+    text = "".join(d.step(t) for t in out) + d.flush()
+    assert max(tok.sizes) <= CONTEXT_TOKENS + 16
+    assert text == tok.decode(out)
