@@ -27,9 +27,10 @@ class RecordingExperts(ExpertBackend):
         self.inner = inner
         self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_layers)]
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                keys=None) -> torch.Tensor:
         self.calls[layer].append((expert_ids.clone(), weights.clone()))
-        return self.inner.forward(layer, x, expert_ids, weights)
+        return self.inner.forward(layer, x, expert_ids, weights, keys)
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything recorded since the last take: expert ids (L, T, k) and weights (L, T, k)."""

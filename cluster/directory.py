@@ -2,49 +2,112 @@
 
 Entries are keyed by Serve application name, so two expert planes in one Ray cluster never mix.
 Snapshots travel as msgpack (compact records, no tensors).
+
+It takes churn: Ray restarts the actor if its process dies, and a client whose actor is gone for good
+looks it up (or creates it) again. Either way it starts empty and refills within a health-check period,
+since every replica re-registers on each of Serve's health checks; entries not renewed within
+ENTRY_TTL_S (a replica that died without deregistering) are dropped. A router's failure report makes a
+replica suspect, not dead: the directory asks the replica's gRPC health service and keeps it if it answers.
 """
 
+import asyncio
+import logging
 import time
 
 import msgpack
 import ray
 
+log = logging.getLogger(__name__)
+
 NAMESPACE = "raymoe"
 DIRECTORY_NAME = "raymoe-directory"
+ENTRY_TTL_S = 30.0  # six of the replicas' 5 s health checks
+PROBE_TIMEOUT_S = 2.0
+CALL_TIMEOUT_S = 10.0
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ReplicaDirectory:
     def __init__(self):
         self.apps: dict[str, dict[str, dict]] = {}  # app -> replica_id -> entry
-        self.version = 0  # bumps on every change, so readers can tell a stale view
+        self.seen: dict[tuple[str, str], float] = {}  # (app, replica_id) -> last registration
+        # Bumps on every change; starts from the clock so that a restarted directory never goes back.
+        self.version = time.time_ns() // 1_000_000
 
-    def register(self, entry: dict) -> None:
-        replicas = self.apps.setdefault(entry["app"], {})
-        if replicas.get(entry["replica_id"]) != entry:
-            replicas[entry["replica_id"]] = entry
-            self.version += 1
+    def _changed(self) -> None:
+        self.version += 1
 
-    def deregister(self, app: str, replica_id: str) -> None:
+    async def register(self, entry: dict) -> None:
+        app, rid = entry["app"], entry["replica_id"]
+        replicas = self.apps.setdefault(app, {})
+        self.seen[(app, rid)] = time.monotonic()
+        old = replicas.get(rid)
+        state = old.get("state", "serving") if old else "serving"
+        new = {**entry, "state": "draining" if state == "draining" else "serving"}
+        if old != new:
+            replicas[rid] = new
+            self._changed()
+
+    async def set_state(self, app: str, replica_id: str, state: str) -> None:
+        entry = self.apps.get(app, {}).get(replica_id)
+        if entry is not None and entry.get("state") != state:
+            entry["state"] = state
+            self._changed()
+
+    async def deregister(self, app: str, replica_id: str) -> None:
+        self.seen.pop((app, replica_id), None)
         if self.apps.get(app, {}).pop(replica_id, None) is not None:
-            self.version += 1
+            self._changed()
 
-    def report_dead(self, app: str, address: str) -> None:
-        """A router could not reach `address`: drop it until its replica registers again."""
-        replicas = self.apps.get(app, {})
-        for rid in [r for r, e in replicas.items() if e["address"] == address]:
-            del replicas[rid]
-            self.version += 1
+    async def report_failure(self, app: str, address: str) -> None:
+        """A router could not reach `address`: suspect until its health service answers, else drop it."""
+        for rid, e in list(self.apps.get(app, {}).items()):
+            if e["address"] == address and e.get("state") == "serving":
+                e["state"] = "suspect"
+                self._changed()
+                asyncio.get_running_loop().create_task(self._probe(app, rid, address))
 
-    def remove_app(self, app: str) -> None:
+    async def _probe(self, app: str, replica_id: str, address: str) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        serving = False
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                                         timeout=PROBE_TIMEOUT_S)
+                serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            pass
+        entry = self.apps.get(app, {}).get(replica_id)
+        if entry is None or entry.get("state") != "suspect":
+            return
+        if serving:
+            entry["state"] = "serving"
+            self._changed()
+        else:
+            log.warning("replica %s at %s does not answer its health check: dropped until it registers again",
+                        replica_id, address)
+            await self.deregister(app, replica_id)
+
+    def _expire(self, app: str) -> None:
+        now = time.monotonic()
+        for rid in [rid for rid in self.apps.get(app, {}) if now - self.seen.get((app, rid), now) > ENTRY_TTL_S]:
+            del self.apps[app][rid]
+            self.seen.pop((app, rid), None)
+            self._changed()
+
+    async def remove_app(self, app: str) -> None:
         if self.apps.pop(app, None) is not None:
-            self.version += 1
+            self.seen = {k: v for k, v in self.seen.items() if k[0] != app}
+            self._changed()
 
-    def snapshot(self, app: str) -> bytes:
-        """msgpack of {"version": int, "replicas": [entry, ...]} for one app."""
+    async def snapshot(self, app: str) -> bytes:
+        """msgpack of {"version": int, "replicas": [entry with its "state", ...]} for one app."""
+        self._expire(app)
         return msgpack.packb({"version": self.version, "replicas": list(self.apps.get(app, {}).values())})
 
-    def app_names(self) -> list[str]:
+    async def app_names(self) -> list[str]:
         return sorted(app for app, replicas in self.apps.items() if replicas)
 
 
@@ -57,7 +120,8 @@ def get_directory():
 class DirectoryClient:
     """A picklable way to the directory, handed to replicas (as their `Registry`) and routers.
 
-    Holds no actor handle, so it can travel inside Serve deployment arguments and config-built apps.
+    Holds no actor handle across pickling, so it can travel inside Serve deployment arguments and
+    config-built apps; a call that finds the actor gone for good looks it up (or creates it) again.
     """
 
     def __init__(self, app: str | None = None):
@@ -76,27 +140,44 @@ class DirectoryClient:
             self._actor = get_directory()
         return self._actor
 
+    def _call(self, method: str, *args, timeout: float = CALL_TIMEOUT_S, wait: bool = True):
+        for attempt in range(2):
+            try:
+                ref = getattr(self.actor, method).remote(*args)
+                return ray.get(ref, timeout=timeout) if wait else ref
+            except ray.exceptions.RayActorError:
+                if attempt:
+                    raise
+                self._actor = None  # killed for good: find or create the directory anew
+
     # --- Registry (replica side) --------------------------------------------------------------
 
     def register(self, entry: dict) -> None:
-        ray.get(self.actor.register.remote(entry), timeout=60)
+        self._call("register", entry, timeout=60)
 
     def deregister(self, app: str, replica_id: str) -> None:
-        ray.get(self.actor.deregister.remote(app, replica_id), timeout=5)
+        self._call("deregister", app, replica_id, timeout=5)
+
+    def set_state(self, app: str, replica_id: str, state: str) -> None:
+        self._call("set_state", app, replica_id, state)
 
     # --- ReplicaSource (router side) ----------------------------------------------------------
 
-    def replicas(self) -> list[dict]:
-        return msgpack.unpackb(ray.get(self.actor.snapshot.remote(self.app)))["replicas"]
+    def snapshot(self) -> dict:
+        return msgpack.unpackb(self._call("snapshot", self.app))
 
-    def report_dead(self, address: str) -> None:
-        self.actor.report_dead.remote(self.app, address)  # fire and forget: the caller has moved on
+    def replicas(self) -> list[dict]:
+        """The entries routers may send to: serving or suspect (a suspect is re-checked, not dropped)."""
+        return [e for e in self.snapshot()["replicas"] if e.get("state") != "draining"]
+
+    def report_failure(self, address: str) -> None:
+        self._call("report_failure", self.app, address, wait=False)  # fire and forget: the caller has moved on
 
     def remove_app(self) -> None:
-        ray.get(self.actor.remove_app.remote(self.app))
+        self._call("remove_app", self.app)
 
     def app_names(self) -> list[str]:
-        return ray.get(self.actor.app_names.remote())
+        return self._call("app_names")
 
     def wait_for_shards(self, timeout_s: float, poll_s: float = 0.2) -> list[dict]:
         """Entries once every shard of the plan has a registered replica; TimeoutError otherwise."""
@@ -111,6 +192,7 @@ class DirectoryClient:
             else:
                 missing = "all"
             if time.monotonic() > deadline:
-                raise TimeoutError(f"expert plane {self.app!r}: no live replica for shards {missing} "
-                                   f"after {timeout_s:.0f}s")
+                raise TimeoutError(f"expert plane {self.app!r}: no live replica for shards {missing} after "
+                                   f"{timeout_s:.0f}s (are its replicas pending for want of CPUs or GPUs? "
+                                   "`ray status` shows demands; lower --expert-num-cpus or add nodes)")
             time.sleep(poll_s)

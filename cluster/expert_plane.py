@@ -4,6 +4,7 @@ the "ray" expert backend that `LLM(..., expert_backend="ray")` gets through the 
 import logging
 import uuid
 
+import numpy as np
 import torch
 from ray import serve
 
@@ -106,9 +107,9 @@ class RayExperts(ExpertBackend):
         self.backend, self.app_name = backend, app_name
         self.started_serve, self.started_ray = started_serve, started_ray
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-                ) -> torch.Tensor:
-        return self.backend.forward(layer, x, expert_ids, weights)
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                keys: np.ndarray | None = None) -> torch.Tensor:
+        return self.backend.forward(layer, x, expert_ids, weights, keys)
 
     def close(self) -> None:
         self.backend.close()

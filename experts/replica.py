@@ -6,12 +6,14 @@ registers in a directory given to it (the cluster layer's, reached only through 
 """
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from typing import Protocol
 
 import grpc
+import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +22,7 @@ from ray import serve
 from checkpoint.args import parse_dtype
 from checkpoint.reader import Checkpoint
 from experts.ffn import ExpertSet
+from experts.load import LoadMeter, LoadReport
 from experts.wire import WIRE_NAMES, WireError, from_wire, grpc_options, to_wire
 from protos import expert_pb2
 
@@ -33,7 +36,12 @@ class Registry(Protocol):
 
     def deregister(self, app: str, replica_id: str) -> None: ...
 
+    def set_state(self, app: str, replica_id: str, state: str) -> None: ...
 
+
+REPORT_EVERY_S = 0.2
+DRAIN_VIEW_S = 2.5  # > the routers' view refresh (1 s) with room: after it no router picks this replica
+DRAIN_MAX_S = 10.0  # within Serve's graceful_shutdown_timeout_s
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 
 
@@ -48,6 +56,11 @@ class ExpertServicer:
                  max_message_bytes: int, info: expert_pb2.InfoResponse, device: torch.device):
         self.experts, self.dim, self.n_experts, self.dtype = experts, dim, n_experts, dtype
         self.max_message_bytes, self.info, self.device = max_message_bytes, info, device
+        self.load = LoadMeter(experts.pairs)
+        self.inflight = 0  # Forward calls between arrival and reply (read by the drain)
+        self._report: LoadReport | None = None
+        self._report_at = 0.0
+        self.math = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-math")
         # layer -> (1 + n_experts,) bool, indexed by expert id + 1: may a token name it here (-1: none)
         self.allowed: dict[int, torch.Tensor] = {}
         for layer, e in experts.pairs:
@@ -108,13 +121,42 @@ class ExpertServicer:
             x, ids, w = self.parse(req)
         except WireError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.load.arrived()
+        self.inflight += 1
+        try:
+            # The math runs on a worker thread of its own, so that this loop keeps answering health checks
+            # and keeps counting the calls that wait.
+            out, ns = await asyncio.get_running_loop().run_in_executor(self.math, self.compute, req.layer, x, ids, w)
+        finally:
+            self.inflight -= 1
+        load = self.load_report()
+        return expert_pb2.ForwardResponse(output=to_wire(out), compute_ns=ns, busy=load.busy, queued=load.queued)
+
+    def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self.load.started_compute()
         t = time.perf_counter_ns()
         d = self.device
-        out = self.experts.forward(req.layer, x.to(d), ids.to(d), w.to(d)).cpu()  # (N, dim)
-        return expert_pb2.ForwardResponse(output=to_wire(out), compute_ns=time.perf_counter_ns() - t)
+        out = self.experts.forward(layer, x.to(d), ids.to(d), w.to(d)).cpu()  # (N, dim)
+        ns = time.perf_counter_ns() - t
+        counts = np.bincount(ids.numpy().ravel() + 1, minlength=self.n_experts + 1)[1:]  # slot -1: not here
+        self.load.record(layer, {e: int(n) for e, n in enumerate(counts) if n}, ns / 1e9)
+        return out, ns
+
+    def load_report(self) -> LoadReport:
+        """The meter's report, recomputed at most every REPORT_EVERY_S (replies carry it on every call)."""
+        now = time.monotonic()
+        if self._report is None or now - self._report_at > REPORT_EVERY_S:
+            self._report, self._report_at = self.load.report(), now
+        return self._report
 
     async def Info(self, request, context):
-        return self.info
+        info = expert_pb2.InfoResponse()
+        info.CopyFrom(self.info)
+        r = self.load.report()
+        info.busy, info.queued = r.busy, r.queued
+        info.load.extend(expert_pb2.PairLoad(layer=l, expert=e, tokens=n, tokens_per_s=r.tokens_per_s.get((l, e), 0.0),
+                                             busy=r.pair_busy.get((l, e), 0.0)) for (l, e), n in r.tokens.items())
+        return info
 
     async def Echo(self, raw: bytes, context):
         try:
@@ -159,8 +201,34 @@ class GrpcServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+class ReplicaMetrics:
+    """The replica's load on Ray's Prometheus endpoint (Serve adds deployment, replica and app tags)."""
+
+    def __init__(self, shard: int):
+        from ray.serve.metrics import Gauge
+
+        pair = ("layer", "expert", "shard")
+        self.busy = Gauge("raymoe_expert_busy", "fraction of the replica's recent wall time spent on this "
+                          "(layer, expert)", tag_keys=pair)
+        self.rate = Gauge("raymoe_expert_tokens_per_second", "tokens this replica ran through this (layer, expert)",
+                          tag_keys=pair)
+        self.replica_busy = Gauge("raymoe_expert_replica_busy", "fraction of recent wall time in expert math",
+                                  tag_keys=("shard",))
+        self.queued = Gauge("raymoe_expert_queued_calls", "Forward calls waiting for the expert math",
+                            tag_keys=("shard",))
+        self.shard = str(shard)
+
+    def publish(self, r: LoadReport) -> None:
+        for l, e in r.tokens:  # every pair held, so an idle one reads 0
+            tags = {"layer": str(l), "expert": str(e), "shard": self.shard}
+            self.busy.set(r.pair_busy.get((l, e), 0.0), tags=tags)
+            self.rate.set(r.tokens_per_s.get((l, e), 0.0), tags=tags)
+        self.replica_busy.set(r.busy, tags={"shard": self.shard})
+        self.queued.set(r.queued, tags={"shard": self.shard})
+
+
 @serve.deployment(name="ExpertShard", health_check_period_s=5, health_check_timeout_s=30,
-                  graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5,
+                  graceful_shutdown_timeout_s=15, graceful_shutdown_wait_loop_s=0.5,
                   ray_actor_options={"num_cpus": 1})
 class ExpertShard:
     """Holds the weights of one shard's (layer, expert) pairs, read from the checkpoint one by one."""
@@ -183,8 +251,9 @@ class ExpertShard:
             app=self.app, shard=shard, replica_id=self.replica_id,
             pairs=[expert_pb2.Pair(layer=l, expert=e) for l, e in pairs], bytes_loaded=ckpt.bytes_loaded,
             max_message_bytes=max_message_bytes, dtype=WIRE_NAMES[torch_dtype], dim=a.dim)
-        servicer = ExpertServicer(experts, a.dim, a.n_experts, torch_dtype, max_message_bytes, info, device)
-        self.server = GrpcServer(servicer, ray.util.get_node_ip_address(), max_message_bytes)
+        self.servicer = ExpertServicer(experts, a.dim, a.n_experts, torch_dtype, max_message_bytes, info, device)
+        self.server = GrpcServer(self.servicer, ray.util.get_node_ip_address(), max_message_bytes)
+        self.metrics = ReplicaMetrics(shard)
         self.entry = dict(app=self.app, shard=shard, num_shards=num_shards, replica_id=self.replica_id,
                           address=self.server.address, actor_name=ray.get_runtime_context().get_actor_name(),
                           pairs=[list(p) for p in pairs], bytes_loaded=ckpt.bytes_loaded, dtype=dtype,
@@ -201,15 +270,31 @@ class ExpertShard:
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"expert gRPC server at {self.server.address} reports {status}")
         self.registry.register(self.entry)
+        self.metrics.publish(self.servicer.load.report())
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's autoscaler sees of this replica (its request path never carries our traffic)."""
+        r = self.servicer.load.report()
+        self.metrics.publish(r)
+        return {"busy": r.busy, "queued": float(r.queued), "tokens_per_s": r.total_tokens_per_s}
 
     def info(self) -> dict:
         return dict(self.entry)
 
     def __del__(self):
+        """Serve stops the replica: drain, then exit. Routers learn it is draining at their next view refresh
+        and send it nothing new; calls already in flight finish; only then does the server stop."""
         if not hasattr(self, "channel"):  # __init__ failed before the server started
             return
         try:
+            self.registry.set_state(self.app, self.replica_id, "draining")
+            deadline = time.monotonic() + DRAIN_MAX_S
+            time.sleep(DRAIN_VIEW_S)
+            while self.servicer.inflight and time.monotonic() < deadline:
+                time.sleep(0.05)
             self.registry.deregister(self.app, self.replica_id)
+        except Exception as e:  # the directory may be gone with the cluster: stopping matters more
+            log.warning("replica %s could not drain cleanly: %r", self.replica_id, e)
         finally:
             self.channel.close()
             self.server.stop()

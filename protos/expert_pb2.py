@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\x0eraymoe.experts\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9c\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.raymoe.experts.Tensor\x12*\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x16.raymoe.experts.Tensor\x12\'\n\x07weights\x18\x04 \x01(\x0b\x32\x16.raymoe.experts.Tensor\"M\n\x0f\x46orwardResponse\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.raymoe.experts.Tensor\x12\x12\n\ncompute_ns\x18\x02 \x01(\x03\"\r\n\x0bInfoRequest\"%\n\x04Pair\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\xb0\x01\n\x0cInfoResponse\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12#\n\x05pairs\x18\x04 \x03(\x0b\x32\x14.raymoe.experts.Pair\x12\x14\n\x0c\x62ytes_loaded\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0b\n\x03\x64im\x18\x08 \x01(\x05\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x03\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xe1\x01\n\rExpertService\x12J\n\x07\x46orward\x12\x1e.raymoe.experts.ForwardRequest\x1a\x1f.raymoe.experts.ForwardResponse\x12\x41\n\x04Info\x12\x1b.raymoe.experts.InfoRequest\x1a\x1c.raymoe.experts.InfoResponse\x12\x41\n\x04\x45\x63ho\x12\x1b.raymoe.experts.EchoRequest\x1a\x1c.raymoe.experts.EchoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\x0eraymoe.experts\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9c\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.raymoe.experts.Tensor\x12*\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x16.raymoe.experts.Tensor\x12\'\n\x07weights\x18\x04 \x01(\x0b\x32\x16.raymoe.experts.Tensor\"k\n\x0f\x46orwardResponse\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.raymoe.experts.Tensor\x12\x12\n\ncompute_ns\x18\x02 \x01(\x03\x12\x0c\n\x04\x62usy\x18\x03 \x01(\x02\x12\x0e\n\x06queued\x18\x04 \x01(\x05\"\r\n\x0bInfoRequest\"%\n\x04Pair\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"]\n\x08PairLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x02\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x02\"\xf6\x01\n\x0cInfoResponse\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12#\n\x05pairs\x18\x04 \x03(\x0b\x32\x14.raymoe.experts.Pair\x12\x14\n\x0c\x62ytes_loaded\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0b\n\x03\x64im\x18\x08 \x01(\x05\x12\x0c\n\x04\x62usy\x18\t \x01(\x02\x12\x0e\n\x06queued\x18\n \x01(\x05\x12&\n\x04load\x18\x0b \x03(\x0b\x32\x18.raymoe.experts.PairLoad\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x03\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xe1\x01\n\rExpertService\x12J\n\x07\x46orward\x12\x1e.raymoe.experts.ForwardRequest\x1a\x1f.raymoe.experts.ForwardResponse\x12\x41\n\x04Info\x12\x1b.raymoe.experts.InfoRequest\x1a\x1c.raymoe.experts.InfoResponse\x12\x41\n\x04\x45\x63ho\x12\x1b.raymoe.experts.EchoRequest\x1a\x1c.raymoe.experts.EchoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDREQUEST']._serialized_start=94
   _globals['_FORWARDREQUEST']._serialized_end=250
   _globals['_FORWARDRESPONSE']._serialized_start=252
-  _globals['_FORWARDRESPONSE']._serialized_end=329
-  _globals['_INFOREQUEST']._serialized_start=331
-  _globals['_INFOREQUEST']._serialized_end=344
-  _globals['_PAIR']._serialized_start=346
-  _globals['_PAIR']._serialized_end=383
-  _globals['_INFORESPONSE']._serialized_start=386
-  _globals['_INFORESPONSE']._serialized_end=562
-  _globals['_ECHOREQUEST']._serialized_start=564
-  _globals['_ECHOREQUEST']._serialized_end=615
-  _globals['_ECHORESPONSE']._serialized_start=617
-  _globals['_ECHORESPONSE']._serialized_end=648
-  _globals['_EXPERTSERVICE']._serialized_start=651
-  _globals['_EXPERTSERVICE']._serialized_end=876
+  _globals['_FORWARDRESPONSE']._serialized_end=359
+  _globals['_INFOREQUEST']._serialized_start=361
+  _globals['_INFOREQUEST']._serialized_end=374
+  _globals['_PAIR']._serialized_start=376
+  _globals['_PAIR']._serialized_end=413
+  _globals['_PAIRLOAD']._serialized_start=415
+  _globals['_PAIRLOAD']._serialized_end=508
+  _globals['_INFORESPONSE']._serialized_start=511
+  _globals['_INFORESPONSE']._serialized_end=757
+  _globals['_ECHOREQUEST']._serialized_start=759
+  _globals['_ECHOREQUEST']._serialized_end=810
+  _globals['_ECHORESPONSE']._serialized_start=812
+  _globals['_ECHORESPONSE']._serialized_end=843
+  _globals['_EXPERTSERVICE']._serialized_start=846
+  _globals['_EXPERTSERVICE']._serialized_end=1071
 # @@protoc_insertion_point(module_scope)

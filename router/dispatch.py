@@ -3,6 +3,7 @@
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
 
+import numpy as np
 import torch
 
 from checkpoint.reader import Checkpoint
@@ -13,10 +14,19 @@ from router.config import ExpertPlaneConfig
 ENTRY_POINT_GROUP = "raymoe.expert_backends"
 
 
+class ExpertsUnavailable(RuntimeError):
+    """Some experts cannot be reached right now (a passing fault): the step may be run again later."""
+
+
 class ExpertBackend(ABC):
     @abstractmethod
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (T, dim), expert_ids (T, k), weights (T, k) float32 -> (T, dim): sum_k weights * expert(x)."""
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                keys: np.ndarray | None = None) -> torch.Tensor:
+        """x (T, dim), expert_ids (T, k), weights (T, k) float32 -> (T, dim): sum_k weights * expert(x).
+
+        keys (T,) int64, when given: the sequence each row belongs to, so that a distributed backend can
+        keep a sequence on the same replica from step to step (its outputs never depend on them).
+        """
 
     def close(self) -> None:  # noqa: B027 (most backends start nothing)
         """Release whatever the backend started."""
@@ -29,7 +39,8 @@ class LocalExperts(ExpertBackend):
         a = ckpt.args
         self.experts = ExpertSet.load(ckpt, [(l, e) for l in range(a.n_layers) for e in range(a.n_experts)], dtype)
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                keys: np.ndarray | None = None) -> torch.Tensor:
         return self.experts.forward(layer, x, expert_ids, weights)
 
 

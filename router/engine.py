@@ -1,16 +1,18 @@
 """The step loop: continuous batching of many sequences over one rolling KV cache."""
 
 import logging
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
 
+import numpy as np
 import torch
 
 from attention.cache import RollingKVCache
 from router.config import EngineConfig
 from router.detokenizer import IncrementalDetokenizer, StopStrings
-from router.dispatch import ExpertBackend
+from router.dispatch import ExpertBackend, ExpertsUnavailable
 from router.model import RouterModel
 from router.sampling import SamplingParams, sample_row
 from router.tokenizer import Tokenizer
@@ -48,6 +50,11 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # set when the engine has a tokenizer
     stops: StopStrings | None = None
     finish_reason: str | None = None
+
+    @property
+    def key(self) -> int:
+        """A stable number for the sequence: where a distributed backend keeps its tokens."""
+        return zlib.crc32(self.seq_id.encode())
 
     @property
     def prefilled(self) -> bool:
@@ -169,7 +176,16 @@ class Engine:
                                [(s.row, s.num_computed, n) for s, n in prefill])
         trace: list = []
         rows = torch.tensor(logit_rows, dtype=torch.long)
-        logits = self.model(torch.tensor(tokens), meta, self.cache, self.experts, rows, trace)
+        keys = np.array([s.key for s in decode] + [s.key for s, n in prefill for _ in range(n)], dtype=np.int64)
+        try:
+            logits = self.model(torch.tensor(tokens), meta, self.cache, self.experts, rows, trace, keys)
+        except ExpertsUnavailable:
+            # Nothing of the step is kept, so running it again gives the same tokens. A decode token rewrites
+            # its own cache slot with the same values; a prompt chunk may have overwritten slots its own
+            # queries still read, so those prompts start over (recomputation, as vLLM preempts).
+            for s, _ in prefill:
+                s.num_computed, s.prompt_rows, s.prompt_logprobs = 0, [], []
+            raise
         self.expert_tokens += torch.stack([torch.bincount(ids.flatten(), minlength=self.args.n_experts)
                                            for ids, _ in trace])
         logprobs = torch.log_softmax(logits, dim=-1)  # (rows, V)

@@ -1,8 +1,12 @@
 """The gRPC dispatch backend: per layer, scatter tokens to the replicas owning their experts, gather sums.
 
-One message per replica touched per layer, all in flight at once, each with a deadline. A replica that
-is unreachable or too slow is dropped from this router's view, reported to the directory, and its
-tokens go to another replica of the same shard: a dying replica costs latency, not a request.
+A shard's tokens spread over all its live replicas, by sequence (consistent hashing with bounded loads,
+weighted by the load each replica reports on its replies), so one more replica takes load off every
+other and a sequence keeps its replica from step to step. One message per replica touched per layer,
+all in flight at once, each with a deadline. A replica that fails or is too slow becomes suspect for
+this router (reported to the directory, which re-checks it), and its tokens go to another replica of
+the same shard: a dying replica costs latency, not a request. A shard with no replica left makes the
+call fail fast with ShardUnavailable, so the engine can retry later instead of sleeping on it.
 
 The calls run on grpc.aio channels of a private event loop that the calling (engine) thread itself
 runs for the length of each layer's gather: no hand-off to another Python thread on the hot path,
@@ -24,7 +28,7 @@ import torch
 
 from experts.wire import WIRE_NAMES, array_to_wire, from_wire, grpc_options, raw_rows
 from protos import expert_pb2, expert_pb2_grpc
-from router.dispatch import ExpertBackend
+from router.dispatch import ExpertBackend, ExpertsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +36,31 @@ RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 
 class ExpertDispatchError(RuntimeError):
-    """A replica refused a request (not a transport failure), or a shard has no live replica left."""
+    """A replica refused a request (not a transport failure): a bug or a bad plan, not a passing fault."""
+
+
+class ShardUnavailable(ExpertDispatchError, ExpertsUnavailable):
+    """Every replica of a shard failed or none is registered: retry the step later."""
+
+    def __init__(self, shard: int, why: str):
+        super().__init__(f"expert shard {shard} has no replica that answers: {why}")
+        self.shard = shard
 
 
 class ReplicaSource(Protocol):
-    """Where the router learns replica addresses (the cluster's directory) and reports dead ones."""
+    """Where the router learns replica addresses (the cluster's directory) and reports failing ones."""
 
     def replicas(self) -> list[dict]:
         """Entries with shard, replica_id, address, max_message_bytes and pairs [[layer, expert], ...]."""
 
-    def report_dead(self, address: str) -> None: ...
+    def report_failure(self, address: str) -> None: ...
 
 
 @dataclass(frozen=True)
 class Replica:
     replica_id: str
     address: str
-    rank_seed: int  # for rendezvous hashing: a layer goes to the live replica ranking highest
+    seed: int  # of the replica's hash stream: where the sequences it ranks first are
 
 
 def owner_table(entries: list[dict], n_layers: int, n_experts: int) -> torch.Tensor:
@@ -70,17 +82,61 @@ def owner_table(entries: list[dict], n_layers: int, n_experts: int) -> torch.Ten
     return owner
 
 
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of uint64s: a well-spread hash, the same in every router."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def spread(keys: np.ndarray, seeds: np.ndarray, weights: np.ndarray, epsilon: float = 0.25) -> np.ndarray:
+    """keys (N,) sequence of each row, seeds/weights (R,) per replica -> (N,) replica index of each row.
+
+    Weighted rendezvous hashing with bounded loads: each sequence ranks the replicas by -w / ln(u), u its
+    hash with the replica's seed, and takes the best one that still has room; a replica's room is
+    (1 + epsilon) times its weighted share of the rows. So a sequence stays where it was while the load
+    allows, a replica added takes a fair share from every other, and none gets more than its bound.
+
+    Example: keys [7, 7, 9, 4], two replicas of equal weight: room ceil(1.25 * 4 / 2) = 3 each. Sequence 7
+    (2 rows, placed first as the biggest) goes to its first choice, say replica 1; 9 and 4 follow, each
+    to its first choice while that has room left, else to its second.
+    """
+    R = len(seeds)
+    if R == 1:
+        return np.zeros(len(keys), dtype=np.int64)
+    uk, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    h = _mix(uk.astype(np.uint64)[:, None] ^ seeds.astype(np.uint64)[None, :])  # (K, R)
+    u = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # uniform in (0, 1)
+    rank = np.argsort(weights[None, :] / np.log(u), axis=1)  # -w / ln(u) descending == w / ln(u) ascending
+    room = np.ceil((1 + epsilon) * len(keys) * weights / weights.sum())
+    choice = np.empty(len(uk), dtype=np.int64)
+    for i in np.lexsort((uk, -counts)):  # biggest sequences first, ties by key: the same in every router
+        c = counts[i]
+        fits = [r for r in rank[i] if room[r] >= c]
+        r = fits[0] if fits else int(np.argmax(room))
+        choice[i] = r
+        room[r] -= c
+    return choice[inverse]
+
+
+def load_weight(busy: float) -> float:
+    """How much of a fair share a replica reporting `busy` should get: less as it nears saturation."""
+    return min(1.0, max(0.1, 1.1 - busy))
+
+
 class GrpcExperts(ExpertBackend):
     def __init__(self, source: ReplicaSource, n_layers: int, n_experts: int, *, timeout_s: float = 10.0,
-                 refresh_s: float = 2.0, wait_s: float = 120.0, max_message_bytes: int | None = None):
+                 refresh_s: float = 1.0, suspect_s: float = 2.0, max_message_bytes: int | None = None):
         """timeout_s: deadline of each call; refresh_s: how often the view is re-read from the source;
-        wait_s: how long a call waits for a shard whose replicas all failed to get a new one."""
-        self.source, self.timeout_s, self.wait_s = source, timeout_s, wait_s
+        suspect_s: how long a replica that failed is left out by this router before it is tried again."""
+        self.source, self.timeout_s, self.suspect_s = source, timeout_s, suspect_s
         entries = source.replicas()
         if not entries:
             raise ExpertDispatchError("the replica source lists no expert replicas")
-        self.owner = owner_table(entries, n_layers, n_experts)
-        self.owner_np = self.owner.numpy()
+        self.n_layers, self.n_experts = n_layers, n_experts
+        self.owner_np = owner_table(entries, n_layers, n_experts).numpy()
         self.max_message_bytes = max_message_bytes or min(e["max_message_bytes"] for e in entries)
         self._loop = asyncio.new_event_loop()
         self._loop_lock = threading.Lock()  # one thread at a time runs the loop
@@ -88,6 +144,9 @@ class GrpcExperts(ExpertBackend):
         # address -> (channel, stub), used on the private loop only
         self._channels: dict[str, tuple[grpc.aio.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
         self.view = self._view(entries)
+        self.suspect: dict[str, float] = {}  # replica_id -> monotonic time it may be tried again
+        self.busy: dict[str, float] = {}  # replica_id -> the busy fraction its last reply reported
+        self.rows_sent: dict[str, int] = {}  # replica_id -> rows this router sent it (for tests and status)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, args=(refresh_s,), name="expert-view",
                                            daemon=True)
@@ -95,36 +154,47 @@ class GrpcExperts(ExpertBackend):
 
     # --- the view of live replicas --------------------------------------------------------------
 
-    @staticmethod
-    def _view(entries: list[dict]) -> dict[int, list[Replica]]:
+    def _view(self, entries: list[dict]) -> dict[int, list[Replica]]:
         view: dict[int, list[Replica]] = {}
-        for e in entries:
+        for e in sorted(entries, key=lambda e: e["replica_id"]):
             view.setdefault(e["shard"], []).append(
                 Replica(e["replica_id"], e["address"], zlib.crc32(e["replica_id"].encode())))
         return view
 
     def refresh(self) -> None:
-        self.view = self._view(self.source.replicas())
+        entries = self.source.replicas()
+        if entries:  # an empty answer is a directory that just restarted: keep what we know
+            self.view = self._view(entries)
+
+    def _try_refresh(self) -> None:
+        try:
+            self.refresh()
+        except Exception as e:  # the directory may be briefly unreachable; the old view still works
+            log.warning("could not refresh the expert replica view: %r", e)
 
     def _refresh_loop(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
-            try:
-                self.refresh()
-            except Exception as e:  # the directory may be briefly unreachable; the old view still works
-                log.warning("could not refresh the expert replica view: %r", e)
+            self._try_refresh()
 
-    def _drop(self, rep: Replica, shard: int, why: str) -> None:
-        log.warning("expert replica %s (shard %d) dropped: %s", rep.address, shard, why)
-        view = dict(self.view)
-        view[shard] = [r for r in view.get(shard, []) if r != rep]
-        self.view = view
+    def live(self, shard: int) -> list[Replica]:
+        """The shard's replicas this router does not suspect right now."""
+        now = time.monotonic()
+        return [r for r in self.view.get(shard, []) if self.suspect.get(r.replica_id, 0.0) <= now]
+
+    def unavailable_shards(self) -> list[int]:
+        """Shards with no replica this router would call now (for /health)."""
+        return sorted(s for s in range(int(self.owner_np.max()) + 1) if not self.live(s))
+
+    def _suspect(self, rep: Replica, shard: int, why: str) -> None:
+        log.warning("expert replica %s (shard %d) suspect for %.1fs: %s", rep.address, shard, self.suspect_s, why)
+        self.suspect[rep.replica_id] = time.monotonic() + self.suspect_s
         chan = self._channels.pop(rep.address, None)
         if chan is not None:
             self._loop.create_task(chan[0].close())
         try:
-            self.source.report_dead(rep.address)
+            self.source.report_failure(rep.address)
         except Exception as e:  # the retry matters more than the report
-            log.warning("could not report %s dead: %r", rep.address, e)
+            log.warning("could not report %s to the directory: %r", rep.address, e)
 
     def _stub(self, address: str) -> expert_pb2_grpc.ExpertServiceStub:
         """Only on the private loop: aio channels belong to the loop that made them."""
@@ -145,26 +215,19 @@ class GrpcExperts(ExpertBackend):
             self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-dispatch")
         return self._helper.submit(self._run, coro).result()
 
-    def pick(self, shard: int, layer: int, tried: set[str] | frozenset = frozenset()) -> Replica:
-        """The live replica of `shard` ranking highest for `layer`; waits for one if none is left."""
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            live = [r for r in self.view.get(shard, []) if r.replica_id not in tried]
-            if live:
-                return max(live, key=lambda r: zlib.crc32(layer.to_bytes(4, "little"), r.rank_seed))
-            if time.monotonic() > deadline:
-                raise ExpertDispatchError(f"shard {shard}: no live replica after waiting {self.wait_s:.0f}s")
-            time.sleep(0.1)
-            try:
-                self.refresh()
-            except Exception as e:
-                log.warning("could not refresh the expert replica view: %r", e)
+    def candidates(self, shard: int) -> list[Replica]:
+        """Who may take the shard's tokens: the live replicas, else (all suspect) every registered one,
+        since a suspect that answers again is better than no answer."""
+        reps = self.live(shard) or self.view.get(shard, [])
+        if not reps:
+            raise ShardUnavailable(shard, "no replica is registered")
+        return reps
 
     # --- scatter / gather -------------------------------------------------------------------------
 
-    def requests(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-                 ) -> list[tuple[int, np.ndarray, expert_pb2.ForwardRequest]]:
-        """(shard, rows, request) per message: the tokens of x bound for each shard touched.
+    def requests(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                 keys: np.ndarray | None = None) -> list[tuple[int, Replica, np.ndarray, expert_pb2.ForwardRequest]]:
+        """(shard, replica, rows, request) per message: x's tokens bound for each shard, spread over its replicas.
 
         Index work and row gathers run in numpy, single-threaded: a torch op this small would wake
         torch's worker threads, asleep after the last gRPC wait, which on a busy CPU costs milliseconds.
@@ -172,6 +235,8 @@ class GrpcExperts(ExpertBackend):
         ids = expert_ids.cpu().numpy()  # (T, k)
         w = weights.float().cpu().numpy()  # (T, k)
         x_raw = raw_rows(x)  # (T, dim) of same-size integers: rows of raw bytes
+        if keys is None:
+            keys = np.arange(len(ids), dtype=np.int64)
         shard_of = self.owner_np[layer][ids]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
@@ -180,53 +245,69 @@ class GrpcExperts(ExpertBackend):
         for s in np.unique(shard_of).tolist():
             here = shard_of == s  # (T, k)
             rows = np.flatnonzero(here.any(axis=1))  # (N,)
-            sub_ids = np.where(here, ids, -1)[rows].astype(np.int32)  # (N, k)
-            for i in range(0, len(rows), max_rows):
-                r = rows[i : i + max_rows]
-                hidden = expert_pb2.Tensor(dtype=name, shape=[len(r), x.shape[1]], data=x_raw[r].tobytes())
-                out.append((s, r, expert_pb2.ForwardRequest(
-                    layer=layer, hidden=hidden, expert_ids=array_to_wire(sub_ids[i : i + max_rows]),
-                    weights=array_to_wire(w[r]))))
+            sub_ids = np.where(here, ids, -1)  # (T, k)
+            reps = self.candidates(s)
+            seeds = np.array([r.seed for r in reps], dtype=np.int64)
+            load = np.array([load_weight(self.busy.get(r.replica_id, 0.0)) for r in reps])
+            where = spread(keys[rows], seeds, load)  # (N,)
+            for j, rep in enumerate(reps):
+                mine = rows[where == j]
+                for i in range(0, len(mine), max_rows):
+                    r = mine[i : i + max_rows]
+                    hidden = expert_pb2.Tensor(dtype=name, shape=[len(r), x.shape[1]], data=x_raw[r].tobytes())
+                    out.append((s, rep, r, expert_pb2.ForwardRequest(
+                        layer=layer, hidden=hidden, expert_ids=array_to_wire(sub_ids[r].astype(np.int32)),
+                        weights=array_to_wire(w[r]))))
         return out
 
-    async def _gather(self, layer: int, messages: list[tuple[int, expert_pb2.ForwardRequest]]
+    async def _gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]]
                       ) -> list[expert_pb2.ForwardResponse]:
         results: list[expert_pb2.ForwardResponse | None] = [None] * len(messages)
+        target = [rep for _, rep, _ in messages]
         tried: list[set[str]] = [set() for _ in messages]
         pending = list(range(len(messages)))
         while pending:
-            reps = [self.pick(messages[i][0], layer, tried[i]) for i in pending]
             replies = await asyncio.gather(
-                *[self._stub(rep.address).Forward(messages[i][1], timeout=self.timeout_s)
-                  for i, rep in zip(pending, reps, strict=True)], return_exceptions=True)
+                *[self._stub(target[i].address).Forward(messages[i][2], timeout=self.timeout_s) for i in pending],
+                return_exceptions=True)
             failed = []
-            for i, rep, reply in zip(pending, reps, replies, strict=True):
+            for i, reply in zip(pending, replies, strict=True):
+                shard, rep = messages[i][0], target[i]
                 if not isinstance(reply, BaseException):
                     results[i] = reply
+                    self.busy[rep.replica_id] = reply.busy
                     continue
-                shard = messages[i][0]
                 if not isinstance(reply, grpc.RpcError):
                     raise reply
                 if reply.code() not in RETRIABLE:
                     raise ExpertDispatchError(f"shard {shard} replica {rep.address} refused layer "
                                               f"{layer}: {reply.code().name}: {reply.details()}") from None
                 tried[i].add(rep.replica_id)
-                self._drop(rep, shard, f"{reply.code().name}: {reply.details()}")
+                self._suspect(rep, shard, f"{reply.code().name}: {reply.details()}")
+                others = [r for r in self.candidates(shard) if r.replica_id not in tried[i]]
+                if not others:  # the directory may know a replacement this router has not seen yet
+                    self._try_refresh()
+                    others = [r for r in self.candidates(shard) if r.replica_id not in tried[i]]
+                if not others:
+                    raise ShardUnavailable(shard, f"{reply.code().name} from every replica tried") from None
+                target[i] = others[0]
                 failed.append(i)
             pending = failed
+        for (_, _, req), rep in zip(messages, target, strict=True):
+            self.rows_sent[rep.replica_id] = self.rows_sent.get(rep.replica_id, 0) + req.hidden.shape[0]
         return results
 
-    def gather(self, layer: int, messages: list[tuple[int, expert_pb2.ForwardRequest]]
+    def gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]]
                ) -> list[expert_pb2.ForwardResponse]:
-        """Send every (shard, request) at once; retry transport failures on other replicas of the shard."""
+        """Send every (shard, replica, request) at once; retry transport failures on other replicas."""
         return self._run(self._gather(layer, messages))
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-                ) -> torch.Tensor:
-        msgs = self.requests(layer, x, expert_ids, weights)
-        replies = self.gather(layer, [(s, req) for s, _, req in msgs])
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                keys: np.ndarray | None = None) -> torch.Tensor:
+        msgs = self.requests(layer, x, expert_ids, weights, keys)
+        replies = self.gather(layer, [(s, rep, req) for s, rep, _, req in msgs])
         outputs = [(rows, from_wire(reply.output, "output", x.dtype, ndim=2))
-                   for (_, rows, _), reply in zip(msgs, replies, strict=True)]
+                   for (_, _, rows, _), reply in zip(msgs, replies, strict=True)]
         np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(x.dtype)
         if np_dtype is None:  # bfloat16: numpy has none
             out = torch.zeros_like(x)  # (T, dim)

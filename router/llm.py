@@ -1,5 +1,7 @@
 """The offline API, shaped like vLLM's `LLM`."""
 
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -9,14 +11,17 @@ from checkpoint.args import parse_dtype
 from checkpoint.bundled import resolve_model
 from checkpoint.reader import Checkpoint
 from router.config import EngineConfig, ExpertPlaneConfig, split_settings
-from router.dispatch import make_expert_backend
+from router.dispatch import ExpertsUnavailable, make_expert_backend
 from router.engine import Engine, Sequence
 from router.model import RouterModel
 from router.outputs import CompletionOutput, RequestOutput
 from router.sampling import SamplingParams
 from router.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 PromptType = str | dict | list[int]
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # backoff of a step whose experts are unavailable
 
 
 def to_output(seq: Sequence) -> RequestOutput:
@@ -68,8 +73,15 @@ class LLM:
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
         bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+        backoff = RETRY_MIN_S
         while self.engine.has_unfinished():
-            bar.update(sum(s.finished for s in self.engine.step()))
+            try:
+                bar.update(sum(s.finished for s in self.engine.step()))
+                backoff = RETRY_MIN_S
+            except ExpertsUnavailable as e:  # nothing of the step was kept: run it again a little later
+                log.warning("experts unavailable, retrying in %.1fs: %s", backoff, e)
+                time.sleep(backoff)
+                backoff = min(2 * backoff, RETRY_MAX_S)
         bar.close()
 
     def generate(self, prompts: PromptType | list[PromptType], sampling_params: SamplingParams | None = None,

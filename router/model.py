@@ -1,5 +1,6 @@
 """Everything of a Mixtral model except the experts: embeddings, attention, gates, final norm, LM head."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,10 +45,12 @@ class RouterModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, meta: StepMetadata, cache: RollingKVCache, experts: ExpertBackend,
-                logit_rows: torch.Tensor, trace: list | None = None) -> torch.Tensor:
+                logit_rows: torch.Tensor, trace: list | None = None, keys: np.ndarray | None = None
+                ) -> torch.Tensor:
         """tokens (T,) -> logits (len(logit_rows), V) float32 of the rows asked for.
 
-        trace, when given, receives (expert_ids, weights) per layer.
+        trace, when given, receives (expert_ids, weights) per layer; keys (T,) name each row's sequence
+        for the expert backend.
         """
         h = self.tok_embeddings(tokens)  # (T, dim)
         cos, sin = self.rope.cos_sin(meta.positions, h.dtype)
@@ -57,7 +60,7 @@ class RouterModel(nn.Module):
             weights, ids = route(layer.gate(x), self.args.top_k)
             if trace is not None:
                 trace.append((ids, weights))
-            h = h + experts.forward(i, x, ids, weights)
+            h = h + experts.forward(i, x, ids, weights, keys)
         return self.output(self.norm(h[logit_rows])).float()
 
     @classmethod

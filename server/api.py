@@ -404,6 +404,9 @@ def build_fastapi(server: OpenAIServer) -> FastAPI:
     async def health() -> Response:
         if not server.runner.alive:
             return error_response(503, "the engine thread has stopped")
+        if server.runner.degraded:  # requests wait, none is lost; probes and clients can tell
+            return JSONResponse({"status": "degraded", "detail": server.runner.degraded}, status_code=503,
+                                headers={"Retry-After": "1"})
         return Response(status_code=200)
 
     # The key is checked as a dependency, so it comes before the body is read and validated.

@@ -13,12 +13,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from router.dispatch import ExpertsUnavailable
 from router.engine import Engine, Sequence
 from router.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5  # how often an idle engine thread checks for shutdown
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # backoff of a step whose experts are unavailable
 
 
 @dataclass
@@ -58,6 +60,8 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        self.degraded: str | None = None  # why the last step could not run, until one runs again
+        self._backoff = RETRY_MIN_S
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
 
@@ -135,6 +139,16 @@ class AsyncEngine:
             t = time.perf_counter()
             try:
                 updated = self.engine.step()
+                self.degraded, self._backoff = None, RETRY_MIN_S
+            except ExpertsUnavailable as e:
+                # Nothing is lost: the step runs again after a backoff, during which the inbox (new requests,
+                # aborts) is still served, rather than blocking on the missing experts.
+                if self.degraded is None:
+                    log.warning("experts unavailable, retrying with backoff: %s", e)
+                self.degraded = str(e)
+                self._wait(self._backoff)
+                self._backoff = min(2 * self._backoff, RETRY_MAX_S)
+                continue
             except Exception as e:  # a failed step fails its sequences, never the thread
                 log.exception("engine step failed")
                 self._fail_all(f"the engine failed: {e}")
@@ -145,6 +159,15 @@ class AsyncEngine:
                     self.on_step(self.engine, time.perf_counter() - t)
                 except Exception:
                     log.exception("on_step hook failed")
+
+    def _wait(self, seconds: float) -> None:
+        """Serve the inbox for `seconds` (or until it stops)."""
+        deadline = time.monotonic() + seconds
+        while not self._stopped and (left := deadline - time.monotonic()) > 0:
+            try:
+                self._inbox.get(timeout=left)()
+            except queue.Empty:
+                return
 
     def _update(self, seq: Sequence) -> Update | None:
         s = self._streams.get(seq.seq_id)

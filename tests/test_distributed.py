@@ -137,7 +137,7 @@ class SwapSource:
     def replicas(self):
         return self.entries[1:] if self.dead else self.entries[:1]
 
-    def report_dead(self, address):
+    def report_failure(self, address):
         self.dead.append(address)
 
 
@@ -277,7 +277,7 @@ def test_directory_keeps_apps_apart(ray_session):
         a.register(entry | {"app": "test-app-a"})
         b.register(entry | {"app": "test-app-b", "address": "127.0.0.1:2"})
         assert [e["address"] for e in a.replicas()] == ["127.0.0.1:1"]
-        b.report_dead("127.0.0.1:1")  # another app's address: a's entry stays
+        b.report_failure("127.0.0.1:1")  # another app's address: a's entry stays
         assert [e["address"] for e in a.replicas()] == ["127.0.0.1:1"]
         snap = msgpack.unpackb(ray.get(get_directory().snapshot.remote("test-app-b")))
         assert [e["address"] for e in snap["replicas"]] == ["127.0.0.1:2"]
@@ -295,10 +295,10 @@ class KillReplicaAt(ExpertBackend):
         self.inner, self.grpc_backend, self.app, self.at, self.calls = inner, grpc_backend, app, at, 0
         self.killed: dict | None = None
 
-    def forward(self, layer, x, expert_ids, weights):
+    def forward(self, layer, x, expert_ids, weights, keys=None):
         self.calls += 1
         if self.calls == self.at:
-            rep = self.grpc_backend.pick(0, layer)
+            rep = self.grpc_backend.live(0)[0]
             self.killed = next(e for e in DirectoryClient(self.app).replicas()
                                if e["replica_id"] == rep.replica_id)
             ray.kill(ray.get_actor(self.killed["actor_name"], namespace="serve"), no_restart=True)
@@ -329,6 +329,12 @@ def test_killing_a_replica_mid_generate_loses_nothing(llms):
     assert killer.killed is not None and killer.calls > killer.at
     assert [o.outputs[0].finish_reason for o in outs] == ["length"] * len(prompts)
     assert [o.outputs[0].token_ids for o in outs] == want
-    live = {r.address for reps in backend.view.values() for r in reps}
-    assert killer.killed["address"] not in live
-    assert killer.killed["address"] not in {e["address"] for e in entries(distributed)}
+    # The router's report made it suspect; the directory's health probe found it dead and dropped it, and
+    # the router's view follows the directory.
+    dead = killer.killed["address"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (dead in {e["address"] for e in entries(distributed)}
+                                           or dead in {r.address for reps in backend.view.values() for r in reps}):
+        time.sleep(0.2)
+    assert dead not in {e["address"] for e in entries(distributed)}
+    assert dead not in {r.address for reps in backend.view.values() for r in reps}
