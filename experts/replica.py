@@ -8,6 +8,7 @@ registers in a directory given to it (the cluster layer's, reached only through 
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from typing import Protocol
@@ -257,7 +258,8 @@ class ExpertShard:
         self.entry = dict(app=self.app, shard=shard, num_shards=num_shards, replica_id=self.replica_id,
                           address=self.server.address, actor_name=ray.get_runtime_context().get_actor_name(),
                           pairs=[list(p) for p in pairs], bytes_loaded=ckpt.bytes_loaded, dtype=dtype,
-                          max_message_bytes=max_message_bytes)
+                          max_message_bytes=max_message_bytes, node_id=ray.get_runtime_context().get_node_id(),
+                          pid=os.getpid())
         self.channel = grpc.insecure_channel(self.server.address)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         registry.register(self.entry)
