@@ -36,6 +36,30 @@ class RayOptions:
 
 
 @dataclass
+class PlaneOptions:
+    """Which running application."""
+
+    app: str = field(default="raymoe", metadata={"help": "the Serve application (`raymoe serve` names it raymoe)"})
+    address: str | None = field(default=None, metadata={
+        "help": "the Ray cluster (default: $RAY_ADDRESS, else the one running on this machine)"})
+
+
+@dataclass
+class StatusOptions:
+    """What to print."""
+
+    json: bool = field(default=False, metadata={"help": "print the status as JSON"})
+
+
+@dataclass
+class ScaleOptions:
+    """Which shard, how many replicas."""
+
+    shard: int = field(default=0, metadata={"help": "the expert shard (ExpertShard-<shard>)"})
+    replicas: int = field(default=1, metadata={"help": "its replica count (an autoscaled shard is pinned there)"})
+
+
+@dataclass
 class ConfigOutput:
     """Where the config goes."""
 
@@ -142,6 +166,41 @@ def config(args: argparse.Namespace) -> int:
     return 0
 
 
+def join(address: str | None) -> None:
+    """Join a running cluster (never start one: these commands look at what runs)."""
+    from cluster.ray_init import start_or_join_ray
+
+    start_or_join_ray(address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+
+
+def status(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.status import format_status, plane_status
+
+    plane = build(PlaneOptions, args)
+    join(plane.address)
+    try:
+        s = plane_status(plane.app)
+    except ValueError as e:
+        sys.exit(f"raymoe status: {e}")
+    print(json.dumps(s, indent=1) if args.json else format_status(s))
+    return 0
+
+
+def scale(args: argparse.Namespace) -> int:
+    from cluster.deploy import scale_shard
+
+    plane, o = build(PlaneOptions, args), build(ScaleOptions, args)
+    join(plane.address)
+    try:
+        scale_shard(plane.app, o.shard, o.replicas)
+    except ValueError as e:
+        sys.exit(f"raymoe scale: {e}")
+    print(f"ExpertShard-{o.shard} of {plane.app!r}: {o.replicas} replicas")
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
     import time
 
@@ -190,6 +249,10 @@ COMMANDS = {
     "serve": ("serve a model over the OpenAI API on Ray Serve (experts as Ray actors)",
               (*SETTINGS, RayOptions), serve),
     "config": ("write the Ray Serve config YAML that `serve` and KubeRay run", (*SETTINGS, ConfigOutput), config),
+    "status": ("the expert plane: shards, replicas, their state and load, recent scaling decisions",
+               (PlaneOptions, StatusOptions), status),
+    "scale": ("set one expert shard's replica count (a lightweight update: the Router keeps serving)",
+              (PlaneOptions, ScaleOptions), scale),
     "generate": ("generate from prompts offline, in this process (experts: local unless told)",
                  (GenerateOptions, EngineConfig, ExpertPlaneConfig), generate),
     "train-tiny": ("train the bundled tiny Mixtral on the standard library's Python",

@@ -25,8 +25,10 @@ so nothing else of the project has to be importable there.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,8 @@ from ray.serve.config import AutoscalingContext
 
 logger = logging.getLogger(__name__)
 
+DECISIONS_KEY = "raymoe/decisions/{app}"  # Ray's GCS key-value store: what `raymoe status` shows
+MAX_DECISIONS = 50
 SHARD_PREFIX = "ExpertShard-"
 BUSY_METRIC = "busy"
 QUEUED_METRIC = "queued"
@@ -43,6 +47,30 @@ QUEUED_METRIC = "queued"
 # ceil(2 * 0.9 / 0.6) would be 4 in floats (the quotient is 3.0000000000000004); a hair under an integer counts
 # as that integer.
 _CEIL_EPS = 1e-9
+
+
+def log_decision(app: str, kind: str, detail: str) -> None:
+    """Append {"time", "kind", "detail"} to the app's decision log in the GCS key-value store (JSON, the last
+    MAX_DECISIONS kept). Best effort: a decision matters more than its record."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized, _internal_kv_put
+
+        if not _internal_kv_initialized():
+            return
+        key = DECISIONS_KEY.format(app=app).encode()
+        old = _internal_kv_get(key)
+        log = json.loads(old) if old else []
+        log.append({"time": time.time(), "kind": kind, "detail": detail})
+        _internal_kv_put(key, json.dumps(log[-MAX_DECISIONS:]).encode(), overwrite=True)
+    except Exception:
+        logger.debug("could not log a %s decision of %s", kind, app, exc_info=True)
+
+
+def decisions(app: str) -> list[dict]:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(DECISIONS_KEY.format(app=app).encode())
+    return json.loads(raw) if raw else []
 
 
 @dataclass(frozen=True)
@@ -261,6 +289,7 @@ class ExpertPlanePolicy:
         self.max_total_replicas = max_total_replicas
         self.tolerance = float(tolerance)
         self.shard_prefix = shard_prefix
+        self._logged: dict[str, int] = {}  # the last decision logged per shard, so a held wish is logged once
 
     def __call__(
         self, contexts: Mapping[DeploymentID, AutoscalingContext]
@@ -285,6 +314,11 @@ class ExpertPlanePolicy:
             observed[name] = (busy, queued)
             ids[name] = dep_id
         result = decide(loads, self.target_busy, self.max_total_replicas, self.tolerance)
+        for name, replicas in result.items():
+            if replicas != loads[name].hold and self._logged.get(name) != replicas:
+                self._logged[name] = replicas
+                log_decision(contexts[ids[name]].app_name or ids[name].app_name, "autoscale",
+                             f"{name}: {loads[name].hold} -> {replicas} replicas (busy {observed[name][0]})")
         decisions: dict[DeploymentID, int] = {}
         state: dict[DeploymentID, dict[str, Any]] = {}
         for name, replicas in result.items():

@@ -1,7 +1,7 @@
 """Deploying a Serve config as `serve deploy` would, and `raymoe serve`: start or join Ray, deploy router
 and experts from one Serve config, serve until Ctrl-C."""
 
-import importlib
+import copy
 import logging
 import os
 import signal
@@ -18,21 +18,42 @@ from server.config import ServerConfig
 log = logging.getLogger(__name__)
 
 
-def deploy(cfg: dict, api_key: str | None = None) -> list[str]:
-    """Run every application of a Serve config on the connected cluster, as `serve deploy` would."""
-    from ray import serve
+def deployed_configs() -> dict[str, dict]:
+    """The configs of the applications running from a config (`serve deploy`, KubeRay, `deploy`), by name."""
+    from ray.serve.context import _get_global_client
 
-    names = []
-    for app in cfg["applications"]:
-        args = dict(app.get("args", {}))
-        if api_key:
-            args["api_key"] = api_key
-        module, _, attr = app["import_path"].partition(":")
-        target = getattr(importlib.import_module(module), attr)
-        built = target if isinstance(target, serve.Application) else target(args)  # an application builder
-        serve.run(built, name=app["name"], route_prefix=app.get("route_prefix", "/"))
-        names.append(app["name"])
-    return names
+    details = _get_global_client().get_serve_details()
+    return {name: app["deployed_app_config"] for name, app in details.get("applications", {}).items()
+            if app.get("source") == "declarative" and app.get("deployed_app_config")}
+
+
+def apply(applications: list[dict], timeout_s: float = 300.0) -> None:
+    """Apply app configs through the controller's declarative path, the one `serve deploy` and KubeRay's
+    RayService take, beside the apps already deployed that way; wait until they run.
+
+    A change to one deployment's options (a shard's num_replicas) is then a lightweight update of that
+    deployment; only a change to an app's code or args rebuilds the app.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    client = _get_global_client()
+    apps = deployed_configs() | {app["name"]: app for app in applications}
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
+    for app in applications:
+        client._wait_for_application_running(app["name"], timeout_s=int(timeout_s))
+
+
+def deploy(cfg: dict, api_key: str | None = None) -> list[str]:
+    """Run every application of a Serve config on the connected cluster, as `serve deploy` would; the API
+    key goes to the replicas' environment, never into the app's args."""
+    apps = copy.deepcopy(cfg["applications"])
+    if api_key:
+        for app in apps:
+            env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env["RAYMOE_API_KEY"] = api_key
+    apply(apps)
+    return [app["name"] for app in apps]
 
 
 def free_port() -> int:
@@ -82,3 +103,28 @@ def serve_until_stopped(engine: EngineConfig, plane: ExpertPlaneConfig, server: 
     finally:
         print("\nshutting down", flush=True)
         remove_apps(names, started_serve, started_ray)
+
+
+def scale_shard(app: str, shard: int, replicas: int) -> None:
+    """Set one expert shard's replica count through the app's own config: a lightweight update of that
+    deployment alone (no other replica restarts). An autoscaled shard is pinned at `replicas`."""
+    from cluster.autoscaling import log_decision
+
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    configs = deployed_configs()
+    if app not in configs:
+        raise ValueError(f"no application {app!r} deployed from a config here (running: {sorted(configs)}); "
+                         "`raymoe serve` and KubeRay deploy that way")
+    cfg = copy.deepcopy(configs[app])
+    name = f"ExpertShard-{shard}"
+    dep = next((d for d in cfg.get("deployments", []) if d.get("name") == name), None)
+    if dep is None:
+        shards = sorted(d["name"] for d in cfg.get("deployments", []) if d["name"].startswith("ExpertShard-"))
+        raise ValueError(f"application {app!r} has no {name} (it has {shards})")
+    if "autoscaling_config" in dep:
+        dep["autoscaling_config"].update(min_replicas=replicas, max_replicas=replicas, initial_replicas=replicas)
+    else:
+        dep["num_replicas"] = replicas
+    apply([cfg])
+    log_decision(app, "scale", f"{name}: {replicas} replicas (by hand)")

@@ -41,6 +41,30 @@ def placement_plan(plane: ExpertPlaneConfig, n_layers: int, n_experts: int) -> P
     return plan.validate(n_layers, n_experts)
 
 
+AUTOSCALING_POLICY = "cluster.autoscaling:ExpertPlanePolicy"
+METRICS_INTERVAL_S, LOOK_BACK_S = 0.5, 2.0  # replicas push load twice a second; policies see 2 s means
+
+
+def shard_options(plane: ExpertPlaneConfig, replicas: int) -> dict:
+    """A shard deployment's replica options: a fixed count, or Serve autoscaling between the plane's bounds
+    (decided by the application's AUTOSCALING_POLICY on the load the replicas report)."""
+    if not plane.autoscaling:
+        return {"num_replicas": replicas}
+    return {"autoscaling_config": {
+        "min_replicas": replicas, "initial_replicas": replicas, "max_replicas": plane.max_replicas_per_shard,
+        "upscale_delay_s": plane.upscale_delay_s, "downscale_delay_s": plane.downscale_delay_s,
+        "metrics_interval_s": METRICS_INTERVAL_S, "look_back_period_s": LOOK_BACK_S}}
+
+
+def autoscaling_policy(plane: ExpertPlaneConfig) -> dict | None:
+    """The application-level policy of a plane that autoscales: one decision over all shards, so that the
+    replica budget goes to the hottest."""
+    if not plane.autoscaling:
+        return None
+    return {"policy_function": AUTOSCALING_POLICY,
+            "policy_kwargs": {"target_busy": plane.target_busy, "max_total_replicas": plane.max_total_replicas}}
+
+
 def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserved_cpus: float = 0.0
                        ) -> serve.Application:
     """ExpertPlane bound to one ExpertShard-<i> deployment per shard of the plan.
@@ -53,13 +77,15 @@ def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserve
     plan = placement_plan(plane, a.n_layers, a.n_experts)
     num_cpus = plane.expert_num_cpus
     if num_cpus is None:
-        num_cpus = 0.1 if plane.num_gpus else fit_cpus(sum(s.replicas for s in plan.shards), reserved_cpus)
+        most = plane.max_total_replicas or sum(plane.max_replicas_per_shard or s.replicas for s in plan.shards)
+        num_cpus = 0.1 if plane.num_gpus else fit_cpus(most, reserved_cpus)
     actor_options = {"num_cpus": num_cpus}
     if plane.num_gpus:
         actor_options["num_gpus"] = plane.num_gpus
     registry = DirectoryClient()
     shards = [
-        ExpertShard.options(name=f"ExpertShard-{i}", num_replicas=shard.replicas, ray_actor_options=actor_options)
+        ExpertShard.options(name=f"ExpertShard-{i}", ray_actor_options=actor_options,
+                            **shard_options(plane, shard.replicas))
         .bind(str(model), dtype, i, [list(p) for p in shard.pairs], len(plan.shards), registry,
               plane.max_message_bytes)
         for i, shard in enumerate(plan.shards)

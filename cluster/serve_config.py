@@ -5,6 +5,9 @@ from pathlib import Path
 
 import yaml
 
+from checkpoint.bundled import resolve_model
+from checkpoint.reader import Checkpoint
+from cluster.expert_plane import autoscaling_policy, placement_plan, shard_options
 from router.config import EngineConfig, ExpertPlaneConfig
 from server.config import ServerConfig
 
@@ -29,14 +32,27 @@ def app_args(engine: EngineConfig, plane: ExpertPlaneConfig, server: ServerConfi
 
 
 def serve_config(engine: EngineConfig, plane: ExpertPlaneConfig, server: ServerConfig) -> dict:
-    """A Serve config (the schema of `serve deploy` and of RayService's serveConfigV2), validated."""
+    """A Serve config (the schema of `serve deploy` and of RayService's serveConfigV2), validated.
+
+    Each expert shard's replica count (or autoscaling bounds) is a deployment option, not an app arg:
+    editing one shard's `num_replicas` and applying the config again is a lightweight update of that
+    deployment alone, while a change to `args` rebuilds the whole application (Router included).
+    """
     from ray.serve.schema import ServeDeploySchema
 
+    app = {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app_args(engine, plane, server)}
+    if plane.expert_backend == "ray":
+        a = Checkpoint(resolve_model(engine.model)).args
+        plan = placement_plan(plane, a.n_layers, a.n_experts)
+        policy = autoscaling_policy(plane)
+        if policy:
+            app["autoscaling_policy"] = policy
+        app["deployments"] = [{"name": f"ExpertShard-{i}", **shard_options(plane, s.replicas)}
+                              for i, s in enumerate(plan.shards)]
     cfg = {
         "proxy_location": "EveryNode",
         "http_options": {"host": server.host, "port": server.port},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-                          "args": app_args(engine, plane, server)}],
+        "applications": [app],
     }
     ServeDeploySchema.model_validate(cfg)
     return cfg

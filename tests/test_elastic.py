@@ -12,6 +12,7 @@ import pytest
 import ray
 from hf_reference import build_checkpoint
 
+from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient, get_directory
 from experts.replica import SERVICE
 from protos import expert_pb2
@@ -105,7 +106,9 @@ def test_every_replica_takes_tokens_and_outputs_do_not_change(three, local):
     # Each shard's rows spread over all three of its replicas.
     for shard in (0, 1):
         sent = [backend.rows_sent.get(e["replica_id"], 0) for e in entries if e["shard"] == shard]
-        assert len(sent) == 3 and min(sent) > 0 and max(sent) <= 3 * min(sent)
+        # Bounded loads cap a replica at 1.25x its share of each call's rows (rounded up per call); with a dozen
+        # sequences, hashing alone decides how little the last replica gets.
+        assert len(sent) == 3 and min(sent) > 0 and max(sent) <= 0.5 * sum(sent)
     load = info(entries[0]["address"])
     assert load.busy > 0 and any(p.tokens_per_s > 0 for p in load.load)
 
@@ -158,12 +161,13 @@ def test_stopping_the_only_replica_of_a_shard_costs_time_not_requests(ray_sessio
             streams = [await runner.submit([Submission(p, params)], stream=False) for p in PROMPTS[:6]]
             while not stopped.is_set():
                 await asyncio.sleep(0.01)
-            while runner.degraded is None:  # the next call meets the stopped replica
-                await asyncio.sleep(0.05)
-            seen_degraded.append(runner.degraded)
+            await asyncio.sleep(0.3)  # the engine is now (or soon) waiting on the stopped replica
             t = time.monotonic()  # a request submitted now is accepted at once: the engine is not asleep
             streams += [await runner.submit([Submission(p, params)], stream=False) for p in PROMPTS[6:]]
             accept_s = time.monotonic() - t
+            while runner.degraded is None:  # the step meets the stopped replica
+                await asyncio.sleep(0.05)
+            seen_degraded.append(runner.degraded)
             out = []
             for s in streams:
                 async with s:
@@ -183,7 +187,7 @@ def test_stopping_the_only_replica_of_a_shard_costs_time_not_requests(ray_sessio
         updates, accept_s = asyncio.run(asyncio.wait_for(run(), 120))
         t.join()
         assert seen_degraded and "shard 0" in seen_degraded[0]
-        assert accept_s < 2.0
+        assert accept_s < 3.0  # at most a call deadline and a backoff, not the outage
         assert [u.finish_reason for u in updates] == ["length"] * len(PROMPTS)
         got = {}
         for u in updates:
@@ -194,3 +198,131 @@ def test_stopping_the_only_replica_of_a_shard_costs_time_not_requests(ray_sessio
     finally:
         runner.close()
         llm.shutdown()
+
+
+# --- autoscaling and lightweight updates, deployed as `raymoe serve` and KubeRay deploy ----------
+
+
+def running(app: str, deployment: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return states.get("RUNNING", 0)
+
+
+def replica_ids(app: str, deployment: str) -> set[str]:
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()["applications"][app]["deployments"][deployment]
+    return {r["replica_id"] for r in details["replicas"] if r["state"] == "RUNNING"}
+
+
+def test_a_hot_shard_scales_up_then_down_without_failures(ray_session, ckpt):
+    import torch
+
+    from cli.main import parse_settings
+    from cluster.autoscaling import decisions
+    from cluster.deploy import deploy
+    from cluster.expert_plane import connect_experts
+    from cluster.ray_init import remove_apps
+    from cluster.serve_config import serve_config
+
+    app = "raymoe-autoscale"
+    cfg = serve_config(*parse_settings([
+        "--model", str(ckpt), "--num-shards", "2", "--replicas-per-shard", "1", "--max-replicas-per-shard", "3",
+        "--target-busy", "0.02", "--upscale-delay-s", "0.5", "--downscale-delay-s", "3", "--expert-num-cpus", "0.1",
+        "--router-num-cpus", "0.1"]))
+    cfg["applications"][0].update(name=app, route_prefix="/autoscale")
+    deploy(cfg)
+    backend = connect_experts(Checkpoint(ckpt), torch.float32, app)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 64, generator=g)
+        hot = torch.zeros(512, 2, dtype=torch.long)
+        hot[:, 1] = 2  # experts 0 and 2: both on shard 0
+        w = torch.full((512, 2), 0.5)
+        keys = np.arange(512, dtype=np.int64)
+        calls = 0
+
+        def load_until(cond, timeout_s):
+            nonlocal calls
+            deadline = time.monotonic() + timeout_s
+            while not cond():
+                assert time.monotonic() < deadline, f"timed out: replicas report busy {backend.busy}"
+                for _ in range(10):
+                    for layer in (0, 1):
+                        backend.forward(layer, x, hot, w, keys)  # raises on any failed call
+                        calls += 1
+
+        load_until(lambda: running(app, "ExpertShard-0") >= 2, 60)
+        assert running(app, "ExpertShard-1") == 1  # the idle shard did not grow
+        load_until(lambda: len({r.replica_id for r in backend.view.get(0, [])}) >= 2, 30)
+        # With the load gone, the shard drains back to its minimum; calls meanwhile keep succeeding.
+        deadline = time.monotonic() + 60
+        while running(app, "ExpertShard-0") > 1:
+            assert time.monotonic() < deadline, "did not scale down"
+            backend.forward(1, x[:8], hot[:8], w[:8], keys[:8])
+            time.sleep(0.2)
+        assert any(d["kind"] == "autoscale" and "ExpertShard-0" in d["detail"] for d in decisions(app))
+        assert calls > 0
+    finally:
+        backend.close()
+        remove_apps([app], False, False)
+
+
+def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session, ckpt):
+    import openai
+
+    from cli.main import parse_settings
+    from cluster.deploy import deploy, http_port, scale_shard
+    from cluster.ray_init import remove_apps
+    from cluster.serve_config import serve_config
+    from cluster.status import format_status, plane_status
+
+    app = "raymoe-scale"
+    cfg = serve_config(*parse_settings([
+        "--model", str(ckpt), "--num-shards", "2", "--expert-num-cpus", "0.1", "--router-num-cpus", "0.1",
+        "--served-model-name", "tiny", "--stream-chunks-per-s", "50"]))
+    cfg["applications"][0].update(name=app, route_prefix="/scale")
+    deploy(cfg)
+    try:
+        routers = replica_ids(app, "Router")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port()}/scale/v1", api_key="x", max_retries=0,
+                               timeout=120)
+        for replicas in (2, 1):  # up, then down: the removed replica drains while the stream goes on
+            stream = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=400, temperature=0.0,
+                                               stream=True, extra_body={"ignore_eos": True},
+                                               stream_options={"include_usage": True})
+            done = threading.Event()
+            errors = []
+
+            def rescale(n=replicas, done=done, errors=errors):
+                try:
+                    scale_shard(app, 1, n)
+                except Exception as e:  # reported by the assertion below
+                    errors.append(e)
+                done.set()
+
+            chunks, usage, finish = 0, None, None
+            for chunk in stream:
+                chunks += 1
+                if chunks == 3:
+                    threading.Thread(target=rescale).start()
+                if chunk.usage:
+                    usage = chunk.usage
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+            assert done.wait(120) and not errors
+            assert finish == "length" and usage.completion_tokens == 400
+            wait_for(lambda n=replicas: running(app, "ExpertShard-1") == n, what=f"{replicas} replicas")
+            assert replica_ids(app, "Router") == routers  # the Router was never replaced
+        s = plane_status(app)
+        assert [sh["shard"] for sh in s["shards"]] == [0, 1]
+        assert {r["state"] for sh in s["shards"] for r in sh["replicas"]} == {"serving"}
+        assert [len(sh["replicas"]) for sh in s["shards"]] == [1, 1]
+        assert sum(sum(r["tokens"].values()) for sh in s["shards"] for r in sh["replicas"]) > 0
+        assert [d["detail"] for d in s["decisions"] if d["kind"] == "scale"] == [
+            "ExpertShard-1: 2 replicas (by hand)", "ExpertShard-1: 1 replicas (by hand)"]
+        assert f"expert plane '{app}'" in format_status(s)
+    finally:
+        remove_apps([app], False, False)

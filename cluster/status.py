@@ -1,0 +1,80 @@
+"""`raymoe status`: the expert plane as the directory, Serve and the replicas themselves see it."""
+
+import time
+
+import grpc
+
+from cluster.autoscaling import decisions
+from cluster.directory import DirectoryClient
+from experts.replica import SERVICE
+from protos import expert_pb2
+
+INFO_TIMEOUT_S = 2.0
+
+
+def replica_info(address: str) -> expert_pb2.InfoResponse | None:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            call = channel.unary_unary(f"/{SERVICE}/Info", request_serializer=lambda b: b,
+                                       response_deserializer=expert_pb2.InfoResponse.FromString)
+            return call(b"", timeout=INFO_TIMEOUT_S)
+    except grpc.RpcError:
+        return None
+
+
+def plane_status(app: str) -> dict:
+    """{"app", "version", "shards": [{"shard", "pairs", "replicas": [{"replica_id", "address", "node_id",
+    "state", "busy", "tokens": {"<layer>.<expert>": n}}]}], "decisions": [{"time", "kind", "detail"}]}.
+
+    States: starting (Serve started it, it has not registered yet), serving, suspect (a router could not
+    reach it; being re-checked), draining (leaving: finishing its calls).
+    """
+    from ray.serve.context import _get_global_client
+
+    snap = DirectoryClient(app).snapshot()
+    details = _get_global_client().get_serve_details().get("applications", {}).get(app)
+    if details is None and not snap["replicas"]:
+        raise ValueError(f"no expert plane {app!r} in this cluster")
+    shards: dict[int, dict] = {}
+    registered = set()
+    for e in sorted(snap["replicas"], key=lambda e: (e["shard"], e["replica_id"])):
+        registered.add(e["replica_id"])
+        info = replica_info(e["address"])
+        shard = shards.setdefault(e["shard"], {"shard": e["shard"], "pairs": e["pairs"], "replicas": []})
+        shard["replicas"].append({
+            "replica_id": e["replica_id"], "address": e["address"], "node_id": e.get("node_id"),
+            "state": e.get("state", "serving") if info is not None else "unreachable",
+            "busy": info.busy if info is not None else None,
+            "tokens": {f"{p.layer}.{p.expert}": p.tokens for p in info.load} if info is not None else {}})
+    for name, dep in (details or {}).get("deployments", {}).items():
+        if not name.startswith("ExpertShard-"):
+            continue
+        s = int(name.rsplit("-", 1)[1])
+        shard = shards.setdefault(s, {"shard": s, "pairs": [], "replicas": []})
+        for r in dep.get("replicas", []):
+            if r["replica_id"] not in registered and r["state"] in ("STARTING", "RUNNING", "UPDATING"):
+                shard["replicas"].append({"replica_id": r["replica_id"], "address": None,
+                                          "node_id": r.get("node_id"), "state": "starting", "busy": None,
+                                          "tokens": {}})
+    return {"app": app, "version": snap["version"], "shards": [shards[s] for s in sorted(shards)],
+            "decisions": decisions(app)}
+
+
+def format_status(s: dict) -> str:
+    lines = [f"expert plane {s['app']!r}, directory version {s['version']}"]
+    for shard in s["shards"]:
+        layers = sorted({l for l, _ in shard["pairs"]})
+        experts = sorted({e for _, e in shard["pairs"]})
+        lines.append(f"shard {shard['shard']}: {len(shard['pairs'])} pairs (experts {experts} of layers "
+                     f"{layers[0]}-{layers[-1] if layers else ''}), {len(shard['replicas'])} replicas")
+        for r in shard["replicas"]:
+            busy = "-" if r["busy"] is None else f"{r['busy']:.0%}"
+            top = sorted(r["tokens"].items(), key=lambda kv: -kv[1])[:4]
+            tokens = ", ".join(f"{k}: {n}" for k, n in top)
+            lines.append(f"  {r['replica_id']:<10} {r['state']:<11} busy {busy:>4}  {r['address'] or '':<22} "
+                         f"node {(r['node_id'] or '')[:8]}  tokens {sum(r['tokens'].values())} ({tokens})")
+    if s["decisions"]:
+        lines.append("recent decisions:")
+        for d in s["decisions"][-10:]:
+            lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(d['time']))} {d['kind']:<9} {d['detail']}")
+    return "\n".join(lines)
