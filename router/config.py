@@ -50,6 +50,16 @@ class ExpertPlaneConfig:
     placement: list | None = field(default=None, metadata={
         "help": "shards as lists of [layer, expert] pairs (default: expert-parallel over num_shards)",
         "cli": False})
+    max_replicas_per_shard: int | None = field(default=None, metadata={
+        "help": "autoscale every shard between replicas_per_shard and this many replicas on the busy fraction "
+                "its replicas report (default: a fixed count)"})
+    target_busy: float = field(default=0.6, metadata={
+        "help": "autoscaling: the busy fraction (time in expert math / wall time) replicas are scaled toward"})
+    max_total_replicas: int | None = field(default=None, metadata={
+        "help": "autoscaling: replica budget over all shards; the hottest shards get replicas first"})
+    upscale_delay_s: float = field(default=1.0, metadata={"help": "autoscaling: how long a need to grow must last"})
+    downscale_delay_s: float = field(default=10.0, metadata={
+        "help": "autoscaling: how long a need to shrink must last"})
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest gRPC message between router and replica (2048 tokens of dim 4096 in float32: 32 MiB)"})
     call_timeout_s: float = field(default=10.0, metadata={"help": "deadline of each router-to-replica call"})
@@ -59,9 +69,19 @@ class ExpertPlaneConfig:
             raise ValueError(f"expert_backend must be one of {EXPERT_BACKENDS}, got {self.expert_backend!r}")
         if self.replicas_per_shard < 1:
             raise ValueError(f"replicas_per_shard must be >= 1, got {self.replicas_per_shard}")
+        if self.max_replicas_per_shard is not None and self.max_replicas_per_shard < self.replicas_per_shard:
+            raise ValueError(f"max_replicas_per_shard ({self.max_replicas_per_shard}) is below replicas_per_shard "
+                             f"({self.replicas_per_shard})")
+        if not 0 < self.target_busy <= 1:
+            raise ValueError(f"target_busy must be in (0, 1], got {self.target_busy}")
         if self.num_gpus < 0 or (self.expert_num_cpus is not None and self.expert_num_cpus <= 0):
             raise ValueError(f"num_gpus must be >= 0 and expert_num_cpus > 0, got {self.num_gpus} and "
                              f"{self.expert_num_cpus}")
+
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas_per_shard is not None and self.max_replicas_per_shard > self.replicas_per_shard
 
 
 def field_names(cls) -> set[str]:
