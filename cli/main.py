@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.dispatch import DispatchBenchOptions
+from bench.elastic import ElasticBenchOptions
 from bench.engine import EngineBenchOptions
 from bench.routing import RoutingReportOptions
 from bench.serve import ServeBenchOptions
@@ -263,6 +264,8 @@ BENCHMARKS = {
                EngineBenchOptions, "bench.engine"),
     "dispatch": ("gRPC scatter/gather latency and ray-vs-local decode", DispatchBenchOptions, "bench.dispatch"),
     "serve": ("HTTP streaming latency and throughput beside offline generate", ServeBenchOptions, "bench.serve"),
+    "elastic": ("a Zipf-skewed load while the hottest shard scales out: decision to serving, imbalance, step gaps",
+                ElasticBenchOptions, "bench.elastic"),
 }
 
 
