@@ -33,7 +33,7 @@ class RayOptions:
     address: str | None = field(default=None, metadata={
         "help": "join this Ray cluster ('auto': the local one) instead of starting one (default: $RAY_ADDRESS)"})
     num_cpus: int | None = field(default=None, metadata={
-        "help": "logical CPUs of a Ray started here (default: this machine's)"})
+        "help": "logical CPUs (scheduling slots) of a Ray started here (default: this machine's, at least 16)"})
 
 
 @dataclass

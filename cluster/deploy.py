@@ -41,7 +41,20 @@ def apply(applications: list[dict], timeout_s: float = 300.0) -> None:
     apps = deployed_configs() | {app["name"]: app for app in applications}
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
     for app in applications:
-        client._wait_for_application_running(app["name"], timeout_s=int(timeout_s))
+        try:
+            client._wait_for_application_running(app["name"], timeout_s=int(timeout_s))
+        except TimeoutError:
+            raise TimeoutError(f"application {app['name']!r} is not running after {timeout_s:.0f}s: "
+                               f"{not_running(app['name'])}") from None
+
+
+def not_running(app: str) -> str:
+    """What Serve says of the app's deployments that are not healthy (pending replicas name the resources)."""
+    from ray import serve
+
+    deployments = serve.status().applications[app].deployments
+    return "; ".join(f"{name}: {d.status} {d.message}".strip() for name, d in deployments.items()
+                     if d.status != "HEALTHY") or "no deployment reports a problem"
 
 
 def deploy(cfg: dict, api_key: str | None = None) -> list[str]:
@@ -78,7 +91,9 @@ def serve_until_stopped(engine: EngineConfig, plane: ExpertPlaneConfig, server: 
     """
     cfg = serve_config(engine, plane, server)
     Checkpoint(resolve_model(engine.model))  # a missing or broken checkpoint is the user's to fix: say so first
-    started_ray = start_or_join_ray(address, num_cpus=num_cpus)
+    # Logical CPUs are scheduling slots: a Ray started here gets at least 16, so that `raymoe scale` and the
+    # autoscaler have room to add replicas beside the router on a small machine.
+    started_ray = start_or_join_ray(address, num_cpus=num_cpus or max(os.cpu_count() or 1, 16))
     started_serve = False
     names: list[str] = []
     try:
@@ -105,7 +120,7 @@ def serve_until_stopped(engine: EngineConfig, plane: ExpertPlaneConfig, server: 
         remove_apps(names, started_serve, started_ray)
 
 
-def scale_shard(app: str, shard: int, replicas: int) -> None:
+def scale_shard(app: str, shard: int, replicas: int, timeout_s: float = 120.0) -> None:
     """Set one expert shard's replica count through the app's own config: a lightweight update of that
     deployment alone (no other replica restarts). An autoscaled shard is pinned at `replicas`."""
     from cluster.autoscaling import log_decision
@@ -126,5 +141,5 @@ def scale_shard(app: str, shard: int, replicas: int) -> None:
         dep["autoscaling_config"].update(min_replicas=replicas, max_replicas=replicas, initial_replicas=replicas)
     else:
         dep["num_replicas"] = replicas
-    apply([cfg])
     log_decision(app, "scale", f"{name}: {replicas} replicas (by hand)")
+    apply([cfg], timeout_s)

@@ -324,5 +324,9 @@ def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session
         assert [d["detail"] for d in s["decisions"] if d["kind"] == "scale"] == [
             "ExpertShard-1: 2 replicas (by hand)", "ExpertShard-1: 1 replicas (by hand)"]
         assert f"expert plane '{app}'" in format_status(s)
+        with pytest.raises(ValueError, match="has no ExpertShard-7"):
+            scale_shard(app, 7, 2)
+        with pytest.raises(ValueError, match="no application 'nope' deployed from a config"):
+            scale_shard("nope", 0, 2)
     finally:
         remove_apps([app], False, False)
