@@ -64,22 +64,22 @@ def echo_requests(msgs: list) -> list[expert_pb2.EchoRequest]:
     """Per Forward message of `msgs`, an Echo of the same bytes out and back."""
     # The output travels back with the hidden states' shape and dtype.
     return [expert_pb2.EchoRequest(payload=bytes(req.ByteSize()), reply_bytes=req.hidden.ByteSize())
-            for _, _, req in msgs]
+            for _, _, _, req in msgs]
 
 
 class DirectCalls:
-    """The bench's own grpc.aio channels to the replicas a GrpcExperts would pick for a layer: Echo (the
-    transport floor) and Forward (whose replies carry the replicas' compute time), made the way the
+    """The bench's own grpc.aio channels to the replicas a GrpcExperts sends a layer's messages to: Echo
+    (the transport floor) and Forward (whose replies carry the replicas' compute time), made the way the
     dispatcher makes them, all in flight at once."""
 
-    def __init__(self, experts, layer: int, shards: list[int]):
+    def __init__(self, experts, addresses: list[str]):
         import grpc
 
         from experts.wire import grpc_options
         from protos import expert_pb2_grpc
 
         self.loop = asyncio.new_event_loop()
-        self.addresses = [experts.pick(s, layer).address for s in shards]
+        self.addresses = addresses
 
         async def connect():
             chans = {a: grpc.aio.insecure_channel(a, options=grpc_options(experts.max_message_bytes))
@@ -129,7 +129,7 @@ def bench_latency(args: DispatchBenchOptions, tmp: Path) -> None:
                 top = torch.randn(n, 8, generator=g).topk(2)
                 weights, ids = torch.softmax(top.values, -1), top.indices
                 msgs = grpc_experts.requests(0, x, ids, weights)
-                direct = DirectCalls(grpc_experts, 0, [shard for shard, _, _ in msgs])
+                direct = DirectCalls(grpc_experts, [rep.address for _, rep, _, _ in msgs])
                 echoes = echo_requests(msgs)
                 fwd, echo, math = [], [], []
                 try:
@@ -142,7 +142,7 @@ def bench_latency(args: DispatchBenchOptions, tmp: Path) -> None:
                         if i >= 5:  # warm-up calls open channels and fault pages in
                             fwd.append(t1 - t)
                             echo.append(t2 - t1)
-                            math.append(direct.compute_seconds([req for _, _, req in msgs]))
+                            math.append(direct.compute_seconds([req for _, _, _, req in msgs]))
                 finally:
                     direct.close()
                 f50, f99, e50, e99 = (percentile(fwd, 50), percentile(fwd, 99), percentile(echo, 50),

@@ -41,6 +41,7 @@ class Registry(Protocol):
 
 
 REPORT_EVERY_S = 0.2
+INLINE_MAX_ELEMENTS = 64 * 4096  # hidden-state elements a call may have to run on the gRPC loop itself
 DRAIN_VIEW_S = 2.5  # > the routers' view refresh (1 s) with room: after it no router picks this replica
 DRAIN_MAX_S = 10.0  # within Serve's graceful_shutdown_timeout_s
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
@@ -59,6 +60,7 @@ class ExpertServicer:
         self.max_message_bytes, self.info, self.device = max_message_bytes, info, device
         self.load = LoadMeter(experts.pairs)
         self.inflight = 0  # Forward calls between arrival and reply (read by the drain)
+        self.math_busy = 0  # calls handed to the worker thread and not back yet
         self._report: LoadReport | None = None
         self._report_at = 0.0
         self.math = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-math")
@@ -125,9 +127,18 @@ class ExpertServicer:
         self.load.arrived()
         self.inflight += 1
         try:
-            # The math runs on a worker thread of its own, so that this loop keeps answering health checks
-            # and keeps counting the calls that wait.
-            out, ns = await asyncio.get_running_loop().run_in_executor(self.math, self.compute, req.layer, x, ids, w)
+            if x.numel() <= INLINE_MAX_ELEMENTS and not self.math_busy:
+                # Small and alone: a hop to the worker thread would cost more than the math blocks this loop.
+                out, ns = self.compute(req.layer, x, ids, w)
+            else:
+                # The math runs on a worker thread of its own, so that this loop keeps answering health checks
+                # and keeps counting the calls that wait.
+                self.math_busy += 1
+                try:
+                    out, ns = await asyncio.get_running_loop().run_in_executor(self.math, self.compute, req.layer,
+                                                                               x, ids, w)
+                finally:
+                    self.math_busy -= 1
         finally:
             self.inflight -= 1
         load = self.load_report()
