@@ -273,9 +273,21 @@ class ExpertShard:
                           pid=os.getpid())
         self.channel = grpc.insecure_channel(self.server.address)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.warm_up(experts, a.dim, torch_dtype, device)
         registry.register(self.entry)
         log.info("shard %d replica %s serves %d experts at %s", shard, self.replica_id, len(pairs),
                  self.server.address)
+
+    @staticmethod
+    def warm_up(experts: ExpertSet, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Run every held expert once before registering, so that the first routed tokens do not pay for
+        cold kernels and first-touched weights: a replica added under load serves at speed at once."""
+        with torch.inference_mode():
+            for layer, (held, _, _) in experts.layers.items():
+                n = len(held)
+                ids = torch.tensor(held, device=device).view(n, 1)
+                experts.forward(layer, torch.zeros(n, dim, dtype=dtype, device=device), ids,
+                                torch.ones(n, 1, device=device))
 
     def check_health(self) -> None:
         """Serve's health check: the gRPC server answers; re-registering heals a router's false alarm."""
