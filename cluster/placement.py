@@ -35,10 +35,11 @@ class PlacementPlan:
         return cls(tuple(Shard(p, r) for p, r in zip(sets, counts, strict=True)))
 
     def validate(self, n_layers: int, n_experts: int) -> "PlacementPlan":
-        """Every (layer, expert) of the model in exactly one shard, every shard non-empty with a replica."""
+        """Every (layer, expert) of the model in at least one shard (a hot one may be in several: redundant
+        copies, whose tokens the routers share out), every shard non-empty with a replica."""
         if not self.shards:
             raise ValueError("a placement plan needs at least one shard")
-        seen: dict[Pair, int] = {}
+        seen: set[Pair] = set()
         for s, shard in enumerate(self.shards):
             if not shard.pairs:
                 raise ValueError(f"shard {s} holds no (layer, expert) pair")
@@ -48,9 +49,9 @@ class PlacementPlan:
                 if not (0 <= l < n_layers and 0 <= e < n_experts):
                     raise ValueError(f"shard {s}: ({l}, {e}) is outside {n_layers} layers x {n_experts} "
                                      "experts")
-                if (l, e) in seen:
-                    raise ValueError(f"({l}, {e}) is in shard {seen[(l, e)]} and shard {s}")
-                seen[(l, e)] = s
+                seen.add((l, e))
+            if len(set(shard.pairs)) != len(shard.pairs):
+                raise ValueError(f"shard {s} lists a (layer, expert) pair twice")
         missing = [(l, e) for l in range(n_layers) for e in range(n_experts) if (l, e) not in seen]
         if missing:
             raise ValueError(f"no shard holds {missing[:4]}{' ...' if len(missing) > 4 else ''}")

@@ -63,23 +63,27 @@ class Replica:
     seed: int  # of the replica's hash stream: where the sequences it ranks first are
 
 
-def owner_table(entries: list[dict], n_layers: int, n_experts: int) -> torch.Tensor:
-    """(n_layers, n_experts) long: the shard holding each (layer, expert), checked to cover the model."""
-    owner = torch.full((n_layers, n_experts), -1, dtype=torch.long)
+def holder_table(entries: list[dict], n_layers: int, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shards holding each (layer, expert), checked to cover the model: (L, E, H) shard ids padded
+    with -1, and (L, E) how many. A hot pair may be held by several shards (redundant copies)."""
+    holders: dict[tuple[int, int], set[int]] = {}
     for e in entries:
         for l, x in e["pairs"]:
             if not (0 <= l < n_layers and 0 <= x < n_experts):
                 raise ExpertDispatchError(f"shard {e['shard']} claims ({l}, {x}), outside this model's "
                                           f"{n_layers} layers x {n_experts} experts")
-            if owner[l, x] not in (-1, e["shard"]):
-                raise ExpertDispatchError(f"({l}, {x}) is claimed by shards {int(owner[l, x])} and "
-                                          f"{e['shard']}")
-            owner[l, x] = e["shard"]
-    missing = (owner < 0).nonzero().tolist()
+            holders.setdefault((l, x), set()).add(e["shard"])
+    missing = [(l, x) for l in range(n_layers) for x in range(n_experts) if (l, x) not in holders]
     if missing:
         raise ExpertDispatchError(f"no replica holds (layer, expert) {missing[:4]}: the plan does not cover "
                                   "this model")
-    return owner
+    H = max(len(s) for s in holders.values())
+    table = np.full((n_layers, n_experts, H), -1, dtype=np.int64)
+    count = np.zeros((n_layers, n_experts), dtype=np.int64)
+    for (l, x), shards in holders.items():
+        table[l, x, : len(shards)] = sorted(shards)
+        count[l, x] = len(shards)
+    return table, count
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -136,7 +140,8 @@ class GrpcExperts(ExpertBackend):
         if not entries:
             raise ExpertDispatchError("the replica source lists no expert replicas")
         self.n_layers, self.n_experts = n_layers, n_experts
-        self.owner_np = owner_table(entries, n_layers, n_experts).numpy()
+        self.holders, self.n_holders = holder_table(entries, n_layers, n_experts)
+        self.num_shards = int(self.holders.max()) + 1
         self.max_message_bytes = max_message_bytes or min(e["max_message_bytes"] for e in entries)
         self._loop = asyncio.new_event_loop()
         self._loop_lock = threading.Lock()  # one thread at a time runs the loop
@@ -183,7 +188,7 @@ class GrpcExperts(ExpertBackend):
 
     def unavailable_shards(self) -> list[int]:
         """Shards with no replica this router would call now (for /health)."""
-        return sorted(s for s in range(int(self.owner_np.max()) + 1) if not self.live(s))
+        return sorted(s for s in range(self.num_shards) if not self.live(s))
 
     def _suspect(self, rep: Replica, shard: int, why: str) -> None:
         log.warning("expert replica %s (shard %d) suspect for %.1fs: %s", rep.address, shard, self.suspect_s, why)
@@ -237,7 +242,12 @@ class GrpcExperts(ExpertBackend):
         x_raw = raw_rows(x)  # (T, dim) of same-size integers: rows of raw bytes
         if keys is None:
             keys = np.arange(len(ids), dtype=np.int64)
-        shard_of = self.owner_np[layer][ids]  # (T, k)
+        # A pair held by several shards: each sequence's tokens of it go to one of them, by hash, so the copies
+        # share the pair's load and a sequence keeps its copy.
+        n = self.n_holders[layer][ids]  # (T, k)
+        pick = _mix(keys.astype(np.uint64)[:, None] ^ (ids.astype(np.uint64) + np.uint64(layer << 16))) % n.astype(
+            np.uint64)
+        shard_of = self.holders[layer][ids, pick.astype(np.int64)]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
         name = WIRE_NAMES[x.dtype]

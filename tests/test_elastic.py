@@ -330,3 +330,22 @@ def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session
             scale_shard("nope", 0, 2)
     finally:
         remove_apps([app], False, False)
+
+
+def test_a_pair_held_by_two_shards_shares_its_tokens(ray_session, ckpt, local):
+    pairs = [(l, e) for l in range(2) for e in range(4)]
+    first = [p for p in pairs if p[1] in (0, 1)]
+    second = [p for p in pairs if p[1] in (2, 3)] + [(1, 0), (1, 1)]  # redundant copies of layer 1's experts 0, 1
+    llm = LLM(ckpt, expert_backend="ray", placement=[first, second], expert_num_cpus=0.1)
+    try:
+        outs = llm.generate(PROMPTS, GREEDY)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in local.generate(PROMPTS,
+                                                                                                         GREEDY)]
+        by_shard = {e["shard"]: {(p.layer, p.expert): p.tokens for p in info(e["address"]).load}
+                    for e in DirectoryClient(llm.experts.app_name).replicas()}
+        for pair in [(1, 0), (1, 1)]:
+            assert by_shard[0][pair] > 0 and by_shard[1][pair] > 0  # both copies took tokens
+        routed = llm.engine.expert_tokens
+        assert by_shard[0][(1, 0)] + by_shard[1][(1, 0)] == int(routed[1, 0])
+    finally:
+        llm.shutdown()
