@@ -18,6 +18,9 @@ class ExpertsUnavailable(RuntimeError):
     """Some experts cannot be reached right now (a passing fault): the step may be run again later."""
 
 
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # backoff, doubling, of a step whose experts are unavailable
+
+
 class ExpertBackend(ABC):
     @abstractmethod
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,

@@ -50,11 +50,10 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # set when the engine has a tokenizer
     stops: StopStrings | None = None
     finish_reason: str | None = None
+    key: int = 0  # a stable number for the sequence: where a distributed backend keeps its tokens
 
-    @property
-    def key(self) -> int:
-        """A stable number for the sequence: where a distributed backend keeps its tokens."""
-        return zlib.crc32(self.seq_id.encode())
+    def __post_init__(self):
+        self.key = zlib.crc32(self.seq_id.encode())
 
     @property
     def prefilled(self) -> bool:
@@ -176,7 +175,8 @@ class Engine:
                                [(s.row, s.num_computed, n) for s, n in prefill])
         trace: list = []
         rows = torch.tensor(logit_rows, dtype=torch.long)
-        keys = np.array([s.key for s in decode] + [s.key for s, n in prefill for _ in range(n)], dtype=np.int64)
+        keys = np.repeat(np.array([s.key for s in decode] + [s.key for s, _ in prefill], dtype=np.int64),
+                         [1] * len(decode) + [n for _, n in prefill])  # (T,) each row's sequence
         try:
             logits = self.model(torch.tensor(tokens), meta, self.cache, self.experts, rows, trace, keys)
         except ExpertsUnavailable:

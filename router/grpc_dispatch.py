@@ -257,9 +257,12 @@ class GrpcExperts(ExpertBackend):
             rows = np.flatnonzero(here.any(axis=1))  # (N,)
             sub_ids = np.where(here, ids, -1)  # (T, k)
             reps = self.candidates(s)
-            seeds = np.array([r.seed for r in reps], dtype=np.int64)
-            load = np.array([load_weight(self.busy.get(r.replica_id, 0.0)) for r in reps])
-            where = spread(keys[rows], seeds, load)  # (N,)
+            if len(reps) == 1:
+                where = np.zeros(len(rows), dtype=np.int64)
+            else:
+                seeds = np.array([r.seed for r in reps], dtype=np.int64)
+                load = np.array([load_weight(self.busy.get(r.replica_id, 0.0)) for r in reps])
+                where = spread(keys[rows], seeds, load)  # (N,)
             for j, rep in enumerate(reps):
                 mine = rows[where == j]
                 for i in range(0, len(mine), max_rows):

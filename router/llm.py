@@ -11,7 +11,7 @@ from checkpoint.args import parse_dtype
 from checkpoint.bundled import resolve_model
 from checkpoint.reader import Checkpoint
 from router.config import EngineConfig, ExpertPlaneConfig, split_settings
-from router.dispatch import ExpertsUnavailable, make_expert_backend
+from router.dispatch import RETRY_MAX_S, RETRY_MIN_S, ExpertsUnavailable, make_expert_backend
 from router.engine import Engine, Sequence
 from router.model import RouterModel
 from router.outputs import CompletionOutput, RequestOutput
@@ -21,7 +21,6 @@ from router.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 PromptType = str | dict | list[int]
-RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # backoff of a step whose experts are unavailable
 
 
 def to_output(seq: Sequence) -> RequestOutput:

@@ -13,14 +13,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from router.dispatch import ExpertsUnavailable
+from router.dispatch import RETRY_MAX_S, RETRY_MIN_S, ExpertsUnavailable
 from router.engine import Engine, Sequence
 from router.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5  # how often an idle engine thread checks for shutdown
-RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # backoff of a step whose experts are unavailable
 
 
 @dataclass

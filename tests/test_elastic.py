@@ -6,7 +6,6 @@ import signal
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 import ray
@@ -14,7 +13,7 @@ from hf_reference import build_checkpoint
 
 from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient, get_directory
-from experts.replica import SERVICE
+from cluster.status import replica_info
 from protos import expert_pb2
 from router import LLM, SamplingParams
 from router.grpc_dispatch import spread
@@ -39,10 +38,9 @@ def local(ckpt):
 
 
 def info(address: str) -> expert_pb2.InfoResponse:
-    with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary(f"/{SERVICE}/Info", request_serializer=lambda b: b,
-                                   response_deserializer=expert_pb2.InfoResponse.FromString)
-        return call(b"", timeout=10)
+    reply = replica_info(address)
+    assert reply is not None, f"replica {address} does not answer Info"
+    return reply
 
 
 def pair_tokens(entries: list[dict]) -> dict[tuple[int, int], int]:
