@@ -1,13 +1,15 @@
-"""`raymoe bench elastic`: the expert plane under a Zipf-skewed load while the hottest shard is scaled out.
+"""`raymoe bench elastic`: the expert plane under a Zipf-skewed load, scaled out, then re-placed.
 
 A driver-side router (the real gRPC backend) sends steps of synthetic tokens: every layer, 64 sequences
 whose two experts are drawn Zipf-skewed over the layer's experts, with random hidden states, to the
 bundled model's experts deployed as `raymoe serve` deploys them (declaratively, one shard per expert).
-Mid-run the hottest shard gets as many replicas as its share of the load calls for (`raymoe scale`,
-the lightweight path). Reported, in one run: seconds from that decision to the new replicas serving
-tokens, per-replica imbalance (max - mean) / mean of the tokens each replica ran before and after, the
-longest gap between steps during the change against the steady median, and failed calls.
-Re-placement of hot (layer, expert) pairs across shards is not built yet; this measures scale-out only.
+Three phases of steady load, with two changes between them: first the hottest shard gets as many
+replicas as its share of the load calls for (`raymoe scale`, the lightweight path), then a rebalance
+re-places the hot (layer, expert) pairs with redundant copies (`raymoe rebalance`, live).
+
+Reported, in one run: seconds from the scaling decision to the new replicas serving tokens; per-replica
+imbalance (max - mean) / mean of the tokens each replica ran in each phase; the longest step during each
+change against the median step of the steady phase before it; failed steps.
 """
 
 import json
@@ -29,7 +31,8 @@ class ElasticBenchOptions:
 
     zipf: float = field(default=1.2, metadata={"help": "Zipf exponent of the experts' popularity in each layer"})
     sequences: int = field(default=64, metadata={"help": "sequences per step"})
-    phase_s: float = field(default=15.0, metadata={"help": "seconds of steady load before and after the change"})
+    phase_s: float = field(default=15.0, metadata={"help": "seconds of steady load before, between and after "
+                                                           "the changes"})
     expert_num_cpus: float = field(default=0.1, metadata={"help": "CPUs per expert replica"})
     out: Path = field(default=Path("runs/bench_elastic.json"), metadata={"help": "results (JSON; PNG beside it)"})
 
@@ -46,18 +49,16 @@ def zipf_choices(rng: np.random.Generator, n: int, n_experts: int, s: float, ord
     return np.stack([first, second], 1)
 
 
-def imbalance(loads: list[float]) -> float:
-    mean = float(np.mean(loads))
-    return (max(loads) - mean) / mean if mean else 0.0
-
-
 def run(o: ElasticBenchOptions) -> None:
     from checkpoint.reader import Checkpoint
     from cluster.deploy import deploy, free_port, scale_shard
+    from cluster.eplb import imbalance
     from cluster.expert_plane import connect_experts
     from cluster.ray_init import remove_apps, start_or_join_ray, start_serve
+    from cluster.rebalance import RebalanceOptions, rebalance
     from cluster.serve_config import serve_config
     from cluster.status import plane_status
+    from experts.holdings import DRAIN_VIEW_S
     from router.config import EngineConfig, ExpertPlaneConfig
     from server.config import ServerConfig
 
@@ -102,17 +103,22 @@ def run(o: ElasticBenchOptions) -> None:
         after = replica_tokens()
         return [after[r] - before.get(r, 0) for r in after]
 
+    def longest(start: float, end: float) -> float:
+        return 1e3 * max(d for t, d in steps if start <= t < end)
+
     try:
         for _ in range(5):  # warm-up: channels, pages
             step()
         t0 = time.monotonic()
         loads_before = phase(o.phase_s)
+        steady_end = time.monotonic()
+        # 1. Scale out the hottest shard.
         per_shard = {sh["shard"]: sum(sum(r["tokens"].values()) for r in sh["replicas"])
                      for sh in plane_status(app)["shards"]}
         hot = max(per_shard, key=per_shard.get)
         want = max(2, round(per_shard[hot] / np.mean(list(per_shard.values()))))
         old = {r.replica_id for r in backend.view.get(hot, [])}
-        change_at = time.monotonic()
+        scale_at = time.monotonic()
         done = threading.Event()
         threading.Thread(target=lambda: (scale_shard(app, hot, want), done.set()), daemon=True).start()
         serving_at = None
@@ -121,21 +127,44 @@ def run(o: ElasticBenchOptions) -> None:
             fresh = {r for r in backend.rows_sent if r not in old} & {r.replica_id for r in backend.view.get(hot, [])}
             if serving_at is None and len(fresh) >= want - len(old):
                 serving_at = time.monotonic()
-            if time.monotonic() - change_at > 120:
+            if time.monotonic() - scale_at > 120:
                 raise TimeoutError("the new replicas did not serve within 120 s")
-        change_end = time.monotonic()
-        loads_after = phase(o.phase_s)
-        steady = [d for t, d in steps if t0 <= t < change_at]
-        during = [d for t, d in steps if change_at <= t < change_end]
+        scale_end = time.monotonic()
+        loads_scaled = phase(o.phase_s)
+        # 2. Re-place hot pairs by the load of the last phase, live, while steps go on.
+        replace_at = time.monotonic()
+        box: dict = {}
+
+        def replace() -> None:
+            box["result"] = rebalance(app, RebalanceOptions(window_s=o.phase_s))
+            box["switched_at"] = time.monotonic()
+        thread = threading.Thread(target=replace, daemon=True)
+        thread.start()
+        while thread.is_alive() or time.monotonic() < box.get("switched_at", 0) + DRAIN_VIEW_S + 1.0:
+            step()
+            if time.monotonic() - replace_at > 120:
+                raise TimeoutError("the rebalance did not finish within 120 s")
+        replace_end = time.monotonic()
+        r = box["result"]
+        loads_replaced = phase(o.phase_s)
+        steady = [d for t, d in steps if t0 <= t < steady_end]
+        scaled = [d for t, d in steps if scale_end <= t < replace_at]
         result = {
             "zipf": o.zipf, "sequences_per_step": o.sequences, "hot_shard": hot, "hot_shard_replicas": want,
-            "decision_to_serving_s": serving_at - change_at,
-            "imbalance_before": imbalance(loads_before), "imbalance_after": imbalance(loads_after),
+            "decision_to_serving_s": serving_at - scale_at,
+            "imbalance_before": imbalance(loads_before), "imbalance_after_scale": imbalance(loads_scaled),
+            "imbalance_after_replacement": imbalance(loads_replaced),
+            "predicted_imbalance": {"before": r["imbalance_before"], "after": r["imbalance_after"]},
+            "replacement": {"version": r["version"], "pairs_moved": r["pairs_moved"],
+                            "seconds_to_switch": r["seconds"]},
             "steady_step_ms_p50": 1e3 * percentile(steady, 50),
-            "longest_step_ms_during_change": 1e3 * max(during),
+            "scaled_step_ms_p50": 1e3 * percentile(scaled, 50),
+            "longest_step_ms_during_scale": longest(scale_at, scale_end),
+            "longest_step_ms_during_replacement": longest(replace_at, replace_end),
             "failed_steps": failed, "steps": len(steps),
             "series": {"t": [t - t0 for t, _ in steps], "step_ms": [1e3 * d for _, d in steps]},
-            "change_at_s": change_at - t0, "serving_at_s": serving_at - t0,
+            "scale_at_s": scale_at - t0, "serving_at_s": serving_at - t0,
+            "replace_at_s": replace_at - t0, "switched_at_s": box["switched_at"] - t0,
         }
     finally:
         backend.close()
@@ -143,13 +172,18 @@ def run(o: ElasticBenchOptions) -> None:
     o.out.parent.mkdir(parents=True, exist_ok=True)
     o.out.write_text(json.dumps(result, indent=1))
     plot(result, o.out.with_suffix(".png"))
+    p50 = result["steady_step_ms_p50"]
     print(f"Zipf {o.zipf}, {o.sequences} sequences per step, bundled model ({a.n_layers} layers x {a.n_experts} "
-          f"experts, one shard per expert); shard {hot} scaled 1 -> {want} replicas")
-    print(f"decision -> new replicas serving: {result['decision_to_serving_s']:.2f} s")
-    print(f"per-replica imbalance (max - mean) / mean: {result['imbalance_before']:.2f} before, "
-          f"{result['imbalance_after']:.2f} after")
-    gap, p50 = result["longest_step_ms_during_change"], result["steady_step_ms_p50"]
-    print(f"longest step during the change {gap:.1f} ms vs steady p50 {p50:.1f} ms ({gap / p50:.1f}x)")
+          f"experts, one shard per expert)")
+    print(f"scale-out: shard {hot} 1 -> {want} replicas; decision -> new replicas serving "
+          f"{result['decision_to_serving_s']:.2f} s; longest step {result['longest_step_ms_during_scale']:.1f} ms "
+          f"({result['longest_step_ms_during_scale'] / p50:.1f}x the steady p50 of {p50:.1f} ms)")
+    gap, p50 = result["longest_step_ms_during_replacement"], result["scaled_step_ms_p50"]
+    print(f"re-placement: v{r['version']}, {r['pairs_moved']} pair copies moved, switched in {r['seconds']:.2f} s; "
+          f"longest step {gap:.1f} ms ({gap / p50:.1f}x the p50 of {p50:.1f} ms in the steady phase before it)")
+    print(f"per-replica imbalance (max - mean) / mean: {result['imbalance_before']:.2f} at first, "
+          f"{result['imbalance_after_scale']:.2f} after scale-out, {result['imbalance_after_replacement']:.2f} after "
+          f"re-placement (predicted {r['imbalance_before']:.2f} -> {r['imbalance_after']:.2f})")
     print(f"failed steps: {failed} of {len(steps)}; {o.out}, {o.out.with_suffix('.png')}")
 
 
@@ -159,16 +193,19 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 3.5))
+    fig, ax = plt.subplots(figsize=(10, 3.8))
     ax.plot(r["series"]["t"], r["series"]["step_ms"], ".", ms=2, label="step (all layers)")
-    ax.axvline(r["change_at_s"], color="red", ls="--", label="scale decision")
+    ax.axvline(r["scale_at_s"], color="red", ls="--", label="scale decision")
     ax.axvline(r["serving_at_s"], color="green", ls="--", label="new replicas serving")
+    ax.axvline(r["replace_at_s"], color="purple", ls="--", label="rebalance decision")
+    ax.axvline(r["switched_at_s"], color="orange", ls="--", label="routers switch placement")
     ax.set_xlabel("seconds")
     ax.set_ylabel("step time (ms)")
     ax.set_yscale("log")
-    ax.set_title(f"hot shard {r['hot_shard']} scaled to {r['hot_shard_replicas']}: imbalance "
-                 f"{r['imbalance_before']:.2f} -> {r['imbalance_after']:.2f}, {r['failed_steps']} failed steps")
-    ax.legend(loc="upper right")
+    ax.set_title(f"per-replica imbalance {r['imbalance_before']:.2f} -> {r['imbalance_after_scale']:.2f} (shard "
+                 f"{r['hot_shard']} x{r['hot_shard_replicas']}) -> {r['imbalance_after_replacement']:.2f} "
+                 f"(re-placed); {r['failed_steps']} failed steps")
+    ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,6 +19,7 @@ from bench.engine import EngineBenchOptions
 from bench.routing import RoutingReportOptions
 from bench.serve import ServeBenchOptions
 from checkpoint.bundled import BUNDLED_MODEL
+from cluster.rebalance import RebalanceOptions
 from router.config import EngineConfig, ExpertPlaneConfig
 from server.config import ServerConfig
 from training.train import TrainConfig
@@ -49,7 +50,7 @@ class PlaneOptions:
 class StatusOptions:
     """What to print."""
 
-    json: bool = field(default=False, metadata={"help": "print the status as JSON"})
+    json: bool = field(default=False, metadata={"help": "print JSON"})
 
 
 @dataclass
@@ -202,6 +203,22 @@ def scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def rebalance(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.rebalance import format_result
+    from cluster.rebalance import rebalance as run
+
+    plane, o = build(PlaneOptions, args), build(RebalanceOptions, args)
+    join(plane.address)
+    try:
+        r = run(plane.app, o)
+    except (ValueError, TimeoutError) as e:
+        sys.exit(f"raymoe rebalance: {e}")
+    print(json.dumps(r, indent=1) if args.json else format_result(r))
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
     import time
 
@@ -254,6 +271,9 @@ COMMANDS = {
                (PlaneOptions, StatusOptions), status),
     "scale": ("set one expert shard's replica count (a lightweight update: the Router keeps serving)",
               (PlaneOptions, ScaleOptions), scale),
+    "rebalance": ("re-place hot (layer, expert) pairs over the shards by the routers' recent load, live "
+                  "(EPLB-style: redundant copies for the hottest)", (PlaneOptions, RebalanceOptions, StatusOptions),
+                  rebalance),
     "generate": ("generate from prompts offline, in this process (experts: local unless told)",
                  (GenerateOptions, EngineConfig, ExpertPlaneConfig), generate),
     "train-tiny": ("train the bundled tiny Mixtral on the standard library's Python",
@@ -264,7 +284,8 @@ BENCHMARKS = {
                EngineBenchOptions, "bench.engine"),
     "dispatch": ("gRPC scatter/gather latency and ray-vs-local decode", DispatchBenchOptions, "bench.dispatch"),
     "serve": ("HTTP streaming latency and throughput beside offline generate", ServeBenchOptions, "bench.serve"),
-    "elastic": ("a Zipf-skewed load while the hottest shard scales out: decision to serving, imbalance, step gaps",
+    "elastic": ("a Zipf-skewed load, the hottest shard scaled out, then hot pairs re-placed: time to serving, "
+                "imbalance, step gaps",
                 ElasticBenchOptions, "bench.elastic"),
 }
 

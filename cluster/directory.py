@@ -8,13 +8,21 @@ looks it up (or creates it) again. Either way it starts empty and refills within
 since every replica re-registers on each of Serve's health checks; entries not renewed within
 ENTRY_TTL_S (a replica that died without deregistering) are dropped. A router's failure report makes a
 replica suspect, not dead: the directory asks the replica's gRPC health service and keeps it if it answers.
+
+It also holds each app's placement (which shard holds which (layer, expert) pairs, when a rebalance has
+changed it from the deployed plan): the active one routers follow, and a target that replicas load
+before the rebalancer makes it active. Placements live in Ray's GCS key-value store too, so a restarted
+directory, and a replica started later, find the placement in force. Routers report the tokens they
+route per (layer, expert); the rebalancer reads their sum over a recent window.
 """
 
 import asyncio
 import logging
 import time
+from collections import deque
 
 import msgpack
+import numpy as np
 import ray
 
 log = logging.getLogger(__name__)
@@ -24,6 +32,8 @@ DIRECTORY_NAME = "raymoe-directory"
 ENTRY_TTL_S = 30.0  # six of the replicas' 5 s health checks
 PROBE_TIMEOUT_S = 2.0
 CALL_TIMEOUT_S = 10.0
+PLACEMENT_KEY = "raymoe/placement/{app}"  # GCS key-value store: msgpack {"active": record, "target": record}
+TOKEN_HISTORY_S = 600.0  # routers' token reports kept this long
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -33,9 +43,66 @@ class ReplicaDirectory:
         self.seen: dict[tuple[str, str], float] = {}  # (app, replica_id) -> last registration
         # Bumps on every change; starts from the clock so that a restarted directory never goes back.
         self.version = time.time_ns() // 1_000_000
+        # app -> {"active": record | None, "target": record | None}; a record is {"version", "plan_id", "shards"}
+        self.placements: dict[str, dict] = {}
+        self.tokens: dict[str, deque] = {}  # app -> (time, (L, E) tokens) reports of routers
 
     def _changed(self) -> None:
         self.version += 1
+
+    # --- placement --------------------------------------------------------------------------------
+
+    def _placement(self, app: str) -> dict:
+        if app not in self.placements:
+            raw = _kv_get(PLACEMENT_KEY.format(app=app))
+            self.placements[app] = msgpack.unpackb(raw) if raw else {"active": None, "target": None}
+        return self.placements[app]
+
+    def _save(self, app: str) -> None:
+        _kv_put(PLACEMENT_KEY.format(app=app), msgpack.packb(self.placements[app]))
+        self._changed()
+
+    async def placement(self, app: str) -> bytes:
+        """msgpack of {"active": record | None, "target": record | None}."""
+        return msgpack.packb(self._placement(app))
+
+    async def propose(self, app: str, record: dict) -> None:
+        """Replicas load `record`'s pairs beside what they serve, and say so in their entries' "ready"."""
+        p = self._placement(app)
+        active = p["active"]["version"] if p["active"] else 0
+        if record["version"] <= active:
+            raise ValueError(f"placement version {record['version']} is not newer than the active {active}")
+        p["target"] = record
+        self._save(app)
+
+    async def commit(self, app: str, version: int) -> None:
+        """The target becomes the placement routers follow; replicas drop what it no longer holds."""
+        p = self._placement(app)
+        if not p["target"] or p["target"]["version"] != version:
+            raise ValueError(f"placement version {version} is not the target")
+        p["active"], p["target"] = p["target"], None
+        self._save(app)
+
+    async def abort(self, app: str, version: int) -> None:
+        p = self._placement(app)
+        if p["target"] and p["target"]["version"] == version:
+            p["target"] = None
+            self._save(app)
+
+    # --- routers' token counts ----------------------------------------------------------------------
+
+    async def report_tokens(self, app: str, counts: list) -> None:
+        history = self.tokens.setdefault(app, deque())
+        now = time.monotonic()
+        history.append((now, np.asarray(counts, dtype=np.int64)))
+        while history and history[0][0] < now - TOKEN_HISTORY_S:
+            history.popleft()
+
+    async def token_counts(self, app: str, window_s: float) -> list | None:
+        """(L, E) tokens the app's routers routed to each (layer, expert) over the last window_s, or None."""
+        since = time.monotonic() - window_s
+        recent = [c for t, c in self.tokens.get(app, ()) if t >= since]
+        return np.sum(recent, axis=0).tolist() if recent else None
 
     async def register(self, entry: dict) -> None:
         app, rid = entry["app"], entry["replica_id"]
@@ -98,17 +165,40 @@ class ReplicaDirectory:
             self._changed()
 
     async def remove_app(self, app: str) -> None:
+        self.tokens.pop(app, None)
+        self.placements.pop(app, None)
+        _kv_del(PLACEMENT_KEY.format(app=app))
         if self.apps.pop(app, None) is not None:
             self.seen = {k: v for k, v in self.seen.items() if k[0] != app}
             self._changed()
 
     async def snapshot(self, app: str) -> bytes:
-        """msgpack of {"version": int, "replicas": [entry with its "state", ...]} for one app."""
+        """msgpack of {"version": int, "replicas": [entry with its "state", ...], "placement": the active
+        record or None} for one app."""
         self._expire(app)
-        return msgpack.packb({"version": self.version, "replicas": list(self.apps.get(app, {}).values())})
+        return msgpack.packb({"version": self.version, "replicas": list(self.apps.get(app, {}).values()),
+                              "placement": self._placement(app)["active"]})
 
     async def app_names(self) -> list[str]:
         return sorted(app for app, replicas in self.apps.items() if replicas)
+
+
+def _kv_get(key: str) -> bytes | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(key.encode())
+
+
+def _kv_put(key: str, value: bytes) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key.encode(), value, overwrite=True)
+
+
+def _kv_del(key: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(key.encode())
 
 
 def get_directory():
@@ -161,6 +251,10 @@ class DirectoryClient:
     def set_state(self, app: str, replica_id: str, state: str) -> None:
         self._call("set_state", app, replica_id, state)
 
+    def placement(self, app: str) -> dict:
+        """{"active": record | None, "target": record | None} of `app` (replicas poll it)."""
+        return msgpack.unpackb(self._call("placement", app))
+
     # --- ReplicaSource (router side) ----------------------------------------------------------
 
     def snapshot(self) -> dict:
@@ -170,8 +264,31 @@ class DirectoryClient:
         """The entries routers may send to: serving or suspect (a suspect is re-checked, not dropped)."""
         return [e for e in self.snapshot()["replicas"] if e.get("state") != "draining"]
 
+    def view(self) -> dict:
+        """{"replicas": what replicas() lists, "placement": the active placement record or None}."""
+        snap = self.snapshot()
+        return {"replicas": [e for e in snap["replicas"] if e.get("state") != "draining"],
+                "placement": snap["placement"]}
+
     def report_failure(self, address: str) -> None:
         self._call("report_failure", self.app, address, wait=False)  # fire and forget: the caller has moved on
+
+    def report_tokens(self, counts: list) -> None:
+        self._call("report_tokens", self.app, counts, wait=False)
+
+    # --- rebalancer ---------------------------------------------------------------------------------
+
+    def token_counts(self, window_s: float) -> list | None:
+        return self._call("token_counts", self.app, window_s)
+
+    def propose(self, record: dict) -> None:
+        self._call("propose", self.app, record)
+
+    def commit(self, version: int) -> None:
+        self._call("commit", self.app, version)
+
+    def abort(self, version: int) -> None:
+        self._call("abort", self.app, version)
 
     def remove_app(self) -> None:
         self._call("remove_app", self.app)

@@ -1,8 +1,11 @@
 """The expert plane as one Serve application; how a router (driver or Serve replica) connects to it; and
 the "ray" expert backend that `LLM(..., expert_backend="ray")` gets through the entry point."""
 
+import json
 import logging
+import threading
 import uuid
+import zlib
 
 import numpy as np
 import torch
@@ -24,13 +27,37 @@ log = logging.getLogger(__name__)
 
 @serve.deployment(name="ExpertPlane", ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=2)
 class ExpertPlane:
-    """Ingress of the expert plane: binds every ExpertShard deployment so that one app deploys them all.
+    """Ingress of the expert plane: binds every ExpertShard deployment so that one app deploys them all, and
+    rebalances the placement every `rebalance_interval_s` when that is set.
 
     Routers do not call through it: they speak gRPC to the replicas they find in the directory.
     """
 
-    def __init__(self, *shards):
+    def __init__(self, rebalance_interval_s: float | None, redundant_experts: int | None, *shards):
         self.shards = shards  # DeploymentHandles, kept so the shards belong to this application
+        self._stop = threading.Event()
+        if rebalance_interval_s:
+            app = serve.get_replica_context().app_name
+            threading.Thread(target=self._rebalance_loop, args=(app, rebalance_interval_s, redundant_experts),
+                             name="rebalance", daemon=True).start()
+
+    def _rebalance_loop(self, app: str, every_s: float, redundant: int | None) -> None:
+        from cluster.rebalance import RebalanceOptions, rebalance
+
+        o = RebalanceOptions(redundant_experts=redundant, window_s=every_s, min_gain=PERIODIC_MIN_GAIN)
+        while not self._stop.wait(every_s):
+            try:
+                r = rebalance(app, o)
+                if r["switched"]:
+                    log.info("rebalanced to placement v%d: predicted imbalance %.2f -> %.2f", r["version"],
+                             r["imbalance_before"], r["imbalance_after"])
+            except (ValueError, TimeoutError) as e:  # no traffic, or a deployment under way: next round
+                log.info("no rebalance: %s", e)
+            except Exception:
+                log.exception("rebalance failed")
+
+    def __del__(self):
+        self._stop.set()
 
 
 def placement_plan(plane: ExpertPlaneConfig, n_layers: int, n_experts: int) -> PlacementPlan:
@@ -41,6 +68,7 @@ def placement_plan(plane: ExpertPlaneConfig, n_layers: int, n_experts: int) -> P
     return plan.validate(n_layers, n_experts)
 
 
+PERIODIC_MIN_GAIN = 0.1  # a periodic rebalance moves pairs only for a clear gain in predicted imbalance
 AUTOSCALING_POLICY = "cluster.autoscaling:ExpertPlanePolicy"
 METRICS_INTERVAL_S, LOOK_BACK_S = 0.5, 2.0  # replicas push load twice a second; policies see 2 s means
 
@@ -83,14 +111,15 @@ def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserve
     if plane.num_gpus:
         actor_options["num_gpus"] = plane.num_gpus
     registry = DirectoryClient()
+    sets = [[list(p) for p in shard.pairs] for shard in plan.shards]
+    plan_id = f"{zlib.crc32(json.dumps(sets).encode()):08x}"  # a rebalanced placement applies to this plan only
     shards = [
         ExpertShard.options(name=f"ExpertShard-{i}", ray_actor_options=actor_options,
                             **shard_options(plane, shard.replicas))
-        .bind(str(model), dtype, i, [list(p) for p in shard.pairs], len(plan.shards), registry,
-              plane.max_message_bytes)
-        for i, shard in enumerate(plan.shards)
+        .bind(str(model), dtype, i, pairs, len(plan.shards), registry, plane.max_message_bytes, plan_id)
+        for i, (shard, pairs) in enumerate(zip(plan.shards, sets, strict=True))
     ]
-    return ExpertPlane.bind(*shards)
+    return ExpertPlane.bind(plane.rebalance_interval_s, plane.redundant_experts, *shards)
 
 
 def current_app_name() -> str | None:

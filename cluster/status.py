@@ -6,6 +6,7 @@ import grpc
 
 from cluster.autoscaling import decisions
 from cluster.directory import DirectoryClient
+from cluster.rebalance import current_placement, describe_pairs
 from experts.replica import SERVICE
 from protos import expert_pb2
 
@@ -23,24 +24,34 @@ def replica_info(address: str) -> expert_pb2.InfoResponse | None:
 
 
 def plane_status(app: str) -> dict:
-    """{"app", "version", "shards": [{"shard", "pairs", "replicas": [{"replica_id", "address", "node_id",
-    "state", "busy", "tokens": {"<layer>.<expert>": n}}]}], "decisions": [{"time", "kind", "detail"}]}.
+    """{"app", "version", "placement_version", "shards": [{"shard", "pairs", "replicas": [{"replica_id",
+    "address", "node_id", "state", "busy", "tokens": {"<layer>.<expert>": n}}]}], "decisions": [{"time", "kind",
+    "detail"}]}.
 
     States: starting (Serve started it, it has not registered yet), serving, suspect (a router could not
-    reach it; being re-checked), draining (leaving: finishing its calls).
+    reach it; being re-checked), draining (leaving: finishing its calls). A shard's pairs are those of the
+    placement in force (placement_version 0: the deployed plan; higher: a rebalance's).
     """
+
     from ray.serve.context import _get_global_client
 
     snap = DirectoryClient(app).snapshot()
     details = _get_global_client().get_serve_details().get("applications", {}).get(app)
     if details is None and not snap["replicas"]:
         raise ValueError(f"no expert plane {app!r} in this cluster")
+    placement_version, pairs = 0, {}
+    try:
+        placement_version, by_shard, _, _ = current_placement(snap)
+        pairs = dict(enumerate(by_shard))
+    except ValueError:  # no replica registered yet, or a deployment under way: each entry's own pairs
+        pairs = {e["shard"]: e["pairs"] for e in snap["replicas"]}
     shards: dict[int, dict] = {}
     registered = set()
     for e in sorted(snap["replicas"], key=lambda e: (e["shard"], e["replica_id"])):
         registered.add(e["replica_id"])
         info = replica_info(e["address"])
-        shard = shards.setdefault(e["shard"], {"shard": e["shard"], "pairs": e["pairs"], "replicas": []})
+        held = [list(p) for p in pairs.get(e["shard"], [])]
+        shard = shards.setdefault(e["shard"], {"shard": e["shard"], "pairs": held, "replicas": []})
         shard["replicas"].append({
             "replica_id": e["replica_id"], "address": e["address"], "node_id": e.get("node_id"),
             "state": e.get("state", "serving") if info is not None else "unreachable",
@@ -56,17 +67,17 @@ def plane_status(app: str) -> dict:
                 shard["replicas"].append({"replica_id": r["replica_id"], "address": None,
                                           "node_id": r.get("node_id"), "state": "starting", "busy": None,
                                           "tokens": {}})
-    return {"app": app, "version": snap["version"], "shards": [shards[s] for s in sorted(shards)],
+    return {"app": app, "version": snap["version"], "placement_version": placement_version,
+            "shards": [shards[s] for s in sorted(shards)],
             "decisions": decisions(app)}
 
 
 def format_status(s: dict) -> str:
-    lines = [f"expert plane {s['app']!r}, directory version {s['version']}"]
+    lines = [f"expert plane {s['app']!r}, directory version {s['version']}, placement version "
+             f"{s['placement_version']}"]
     for shard in s["shards"]:
-        layers = sorted({l for l, _ in shard["pairs"]})
-        experts = sorted({e for _, e in shard["pairs"]})
-        lines.append(f"shard {shard['shard']}: {len(shard['pairs'])} pairs (experts {experts} of layers "
-                     f"{layers[0]}-{layers[-1] if layers else ''}), {len(shard['replicas'])} replicas")
+        lines.append(f"shard {shard['shard']}: {len(shard['replicas'])} replicas, {len(shard['pairs'])} pairs "
+                     f"({describe_pairs(shard['pairs'])})")
         for r in shard["replicas"]:
             busy = "-" if r["busy"] is None else f"{r['busy']:.0%}"
             top = sorted(r["tokens"].items(), key=lambda kv: -kv[1])[:4]

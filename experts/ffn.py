@@ -32,19 +32,53 @@ class ExpertSet:
             self.local[layer] = lut.to(w13.device)
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype) -> "ExpertSet":
+    def load(cls, ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype,
+             reuse: "ExpertSet | None" = None, device: torch.device | None = None) -> "ExpertSet":
+        """The weights of `pairs` on `device` (default: reuse's, else the CPU); pairs `reuse` holds are
+        taken from it, only the others are read from the checkpoint (a replica whose placement changes
+        reads just what it gains)."""
+        if device is None:
+            device = reuse.device if reuse is not None else torch.device("cpu")
         by_layer: dict[int, list[int]] = {}
-        for layer, e in sorted(pairs):
+        for layer, e in sorted(set(pairs)):
             by_layer.setdefault(layer, []).append(e)
         layers = {}
         for layer, held in by_layer.items():
             w13, w2 = [], []
             for e in held:
+                old = reuse.weights(layer, e) if reuse is not None else None
+                if old is not None:
+                    w13.append(old[0])
+                    w2.append(old[1])
+                    continue
                 w1, w2_e, w3 = ckpt.expert(layer, e, dtype)
-                w13.append(torch.cat((w1, w3)).T)
-                w2.append(w2_e.T)
+                w13.append(torch.cat((w1, w3)).T.to(device))
+                w2.append(w2_e.T.to(device))
             layers[layer] = (held, torch.stack(w13), torch.stack(w2))
         return cls(layers, ckpt.args.n_experts)
+
+    def weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(w13 (dim, 2I), w2 (I, dim)) of one held expert, or None."""
+        if layer not in self.layers:
+            return None
+        held, w13, w2 = self.layers[layer]
+        j = int(self.local[layer][expert + 1])
+        return (w13[j], w2[j]) if j >= 0 else None
+
+    @property
+    def device(self) -> torch.device:
+        return next((w13.device for _, w13, _ in self.layers.values()), torch.device("cpu"))
+
+    def warm_up(self, pairs: set[tuple[int, int]] | None = None) -> None:
+        """Run each held expert (or those in `pairs`) once, so that the first routed tokens do not pay for
+        cold kernels and first-touched weights."""
+        with torch.inference_mode():
+            for layer, (held, w13, _) in self.layers.items():
+                ids = [e for e in held if pairs is None or (layer, e) in pairs]
+                if ids:
+                    x = torch.zeros(len(ids), w13.shape[1], dtype=w13.dtype, device=w13.device)
+                    self.forward(layer, x, torch.tensor(ids, device=w13.device).view(-1, 1),
+                                 torch.ones(len(ids), 1, device=w13.device))
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -53,10 +87,6 @@ class ExpertSet:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, w13, w2 in self.layers.values() for t in (w13, w2))
-
-    def to(self, device: torch.device) -> "ExpertSet":
-        layers = {l: (held, w13.to(device), w2.to(device)) for l, (held, w13, w2) in self.layers.items()}
-        return ExpertSet(layers, self.n_experts)
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, dim), expert_ids (T, k) (-1: not routed here), weights (T, k) -> (T, dim).

@@ -23,6 +23,7 @@ from ray import serve
 from checkpoint.args import parse_dtype
 from checkpoint.reader import Checkpoint
 from experts.ffn import ExpertSet
+from experts.holdings import DRAIN_VIEW_S, Holdings
 from experts.load import LoadMeter, LoadReport
 from experts.wire import WIRE_NAMES, WireError, from_wire, grpc_options, to_wire
 from protos import expert_pb2
@@ -39,35 +40,48 @@ class Registry(Protocol):
 
     def set_state(self, app: str, replica_id: str, state: str) -> None: ...
 
+    def placement(self, app: str) -> dict: ...
+
 
 REPORT_EVERY_S = 0.2
 INLINE_MAX_ELEMENTS = 64 * 4096  # hidden-state elements a call may have to run on the gRPC loop itself
-DRAIN_VIEW_S = 2.5  # > the routers' view refresh (1 s) with room: after it no router picks this replica
 DRAIN_MAX_S = 10.0  # within Serve's graceful_shutdown_timeout_s
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+
+
+class NotHeld(WireError):
+    """A pair of the model that this replica does not hold: a router on an old placement."""
 
 
 class ExpertServicer:
     """ExpertService: validates every request against what this replica holds, then runs the experts.
 
     Requests arrive as raw bytes, so the size limit is checked before parsing and bytes that are
-    not a message get INVALID_ARGUMENT too.
+    not a message get INVALID_ARGUMENT too. A pair of the model this replica does not hold (now) gets
+    FAILED_PRECONDITION: the placement moved it, and the router should re-read where it went.
     """
 
-    def __init__(self, experts: ExpertSet, dim: int, n_experts: int, dtype: torch.dtype,
+    def __init__(self, experts: ExpertSet, dim: int, n_layers: int, n_experts: int, dtype: torch.dtype,
                  max_message_bytes: int, info: expert_pb2.InfoResponse, device: torch.device):
-        self.experts, self.dim, self.n_experts, self.dtype = experts, dim, n_experts, dtype
+        self.dim, self.n_layers, self.n_experts, self.dtype = dim, n_layers, n_experts, dtype
         self.max_message_bytes, self.info, self.device = max_message_bytes, info, device
         self.load = LoadMeter(experts.pairs)
+        self.set_experts(experts)
         self.inflight = 0  # Forward calls between arrival and reply (read by the drain)
         self.math_busy = 0  # calls handed to the worker thread and not back yet
         self._report: LoadReport | None = None
         self._report_at = 0.0
         self.math = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-math")
+
+    def set_experts(self, experts: ExpertSet) -> None:
+        """Serve `experts` from the next call on (calls under way finish on the set they started with)."""
         # layer -> (1 + n_experts,) bool, indexed by expert id + 1: may a token name it here (-1: none)
-        self.allowed: dict[int, torch.Tensor] = {}
+        allowed: dict[int, torch.Tensor] = {}
         for layer, e in experts.pairs:
-            self.allowed.setdefault(layer, torch.tensor([True] + [False] * n_experts))[e + 1] = True
+            allowed.setdefault(layer, torch.tensor([True] + [False] * self.n_experts))[e + 1] = True
+        self.held = (experts, allowed)  # one assignment: a call sees both of one set
+        del self.info.pairs[:]
+        self.info.pairs.extend(expert_pb2.Pair(layer=l, expert=e) for l, e in experts.pairs)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -90,11 +104,14 @@ class ExpertServicer:
         except DecodeError as e:
             raise WireError(f"not a {cls.DESCRIPTOR.name} message: {e}") from None
 
-    def parse(self, req: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        allowed = self.allowed.get(req.layer)
+    def parse(self, req: expert_pb2.ForwardRequest, held: dict[int, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not 0 <= req.layer < self.n_layers:
+            raise WireError(f"layer {req.layer} is not a layer of this model ({self.n_layers} layers)")
+        allowed = held.get(req.layer)
         if allowed is None:
-            raise WireError(f"layer {req.layer} is not held by shard {self.info.shard} "
-                            f"(it holds layers {sorted(self.allowed)})")
+            raise NotHeld(f"layer {req.layer} is not held by shard {self.info.shard} "
+                          f"(it holds layers {sorted(held)})")
         x = from_wire(req.hidden, "hidden", self.dtype, ndim=2)  # (N, dim)
         ids = from_wire(req.expert_ids, "expert_ids", torch.int32, ndim=2)  # (N, k)
         w = from_wire(req.weights, "weights", torch.float32, ndim=2)  # (N, k)
@@ -114,14 +131,17 @@ class ExpertServicer:
                             f"(0 <= id < {self.n_experts}, or -1 for none)")
         ok = allowed[ids + 1]  # (N, k)
         if not ok.all():
-            raise WireError(f"expert {int(ids[~ok][0])} of layer {req.layer} is not held by shard "
+            raise NotHeld(f"expert {int(ids[~ok][0])} of layer {req.layer} is not held by shard "
                             f"{self.info.shard} (it holds {allowed[1:].nonzero().flatten().tolist()} there)")
         return x, ids, w
 
     async def Forward(self, raw: bytes, context):
+        experts, held = self.held
         try:
             req = self.decode(raw, expert_pb2.ForwardRequest)
-            x, ids, w = self.parse(req)
+            x, ids, w = self.parse(req, held)
+        except NotHeld as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except WireError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.load.arrived()
@@ -129,14 +149,14 @@ class ExpertServicer:
         try:
             if x.numel() <= INLINE_MAX_ELEMENTS and not self.math_busy:
                 # Small and alone: a hop to the worker thread would cost more than the math blocks this loop.
-                out, ns = self.compute(req.layer, x, ids, w)
+                out, ns = self.compute(experts, req.layer, x, ids, w)
             else:
                 # The math runs on a worker thread of its own, so that this loop keeps answering health checks
                 # and keeps counting the calls that wait.
                 self.math_busy += 1
                 try:
-                    out, ns = await asyncio.get_running_loop().run_in_executor(self.math, self.compute, req.layer,
-                                                                               x, ids, w)
+                    out, ns = await asyncio.get_running_loop().run_in_executor(
+                        self.math, self.compute, experts, req.layer, x, ids, w)
                 finally:
                     self.math_busy -= 1
         finally:
@@ -144,11 +164,12 @@ class ExpertServicer:
         load = self.load_report()
         return expert_pb2.ForwardResponse(output=to_wire(out), compute_ns=ns, busy=load.busy, queued=load.queued)
 
-    def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def compute(self, experts: ExpertSet, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
+                ) -> tuple[torch.Tensor, int]:
         self.load.started_compute()
         t = time.perf_counter_ns()
         d = self.device
-        out = self.experts.forward(layer, x.to(d), ids.to(d), w.to(d)).cpu()  # (N, dim)
+        out = experts.forward(layer, x.to(d), ids.to(d), w.to(d)).cpu()  # (N, dim)
         ns = time.perf_counter_ns() - t
         counts = np.bincount(ids.numpy().ravel() + 1, minlength=self.n_experts + 1)[1:]  # slot -1: not here
         self.load.record(layer, {e: int(n) for e, n in enumerate(counts) if n}, ns / 1e9)
@@ -246,7 +267,8 @@ class ExpertShard:
     """Holds the weights of one shard's (layer, expert) pairs, read from the checkpoint one by one."""
 
     def __init__(self, model: str, dtype: str, shard: int, pairs: list[tuple[int, int]], num_shards: int,
-                 registry: Registry, max_message_bytes: int):
+                 registry: Registry, max_message_bytes: int, plan_id: str = ""):
+        """pairs: what the deployed plan (plan_id) gives this shard, until a rebalance gives it others."""
         import ray
 
         ctx = serve.get_replica_context()
@@ -254,40 +276,42 @@ class ExpertShard:
         self.registry = registry
         ckpt = Checkpoint(model)
         a = ckpt.args
-        pairs = [(int(l), int(e)) for l, e in pairs]
         torch_dtype = parse_dtype(dtype)
         # A replica given a GPU keeps its weights there; the wire stays host memory.
         device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        experts = ExpertSet.load(ckpt, pairs, torch_dtype).to(device)
-        info = expert_pb2.InfoResponse(
-            app=self.app, shard=shard, replica_id=self.replica_id,
-            pairs=[expert_pb2.Pair(layer=l, expert=e) for l, e in pairs], bytes_loaded=ckpt.bytes_loaded,
-            max_message_bytes=max_message_bytes, dtype=WIRE_NAMES[torch_dtype], dim=a.dim)
-        self.servicer = ExpertServicer(experts, a.dim, a.n_experts, torch_dtype, max_message_bytes, info, device)
-        self.server = GrpcServer(self.servicer, ray.util.get_node_ip_address(), max_message_bytes)
-        self.metrics = ReplicaMetrics(shard)
-        self.entry = dict(app=self.app, shard=shard, num_shards=num_shards, replica_id=self.replica_id,
-                          address=self.server.address, actor_name=ray.get_runtime_context().get_actor_name(),
-                          pairs=[list(p) for p in pairs], bytes_loaded=ckpt.bytes_loaded, dtype=dtype,
-                          max_message_bytes=max_message_bytes, node_id=ray.get_runtime_context().get_node_id(),
-                          pid=os.getpid())
-        self.channel = grpc.insecure_channel(self.server.address)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.warm_up(experts, a.dim, torch_dtype, device)
-        registry.register(self.entry)
-        log.info("shard %d replica %s serves %d experts at %s", shard, self.replica_id, len(pairs),
-                 self.server.address)
+        self.holdings = Holdings(ckpt, torch_dtype, device, self.app, shard, num_shards, plan_id,
+                                 [(int(l), int(e)) for l, e in pairs], registry, self._install)
+        self.servicer: ExpertServicer | None = None
+        self.entry = dict(app=self.app, shard=shard, num_shards=num_shards, plan_id=plan_id,
+                          replica_id=self.replica_id, actor_name=ray.get_runtime_context().get_actor_name(),
+                          dtype=dtype, max_message_bytes=max_message_bytes,
+                          node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid())
+        self.info = expert_pb2.InfoResponse(app=self.app, shard=shard, replica_id=self.replica_id,
+                                             max_message_bytes=max_message_bytes, dtype=WIRE_NAMES[torch_dtype],
+                                             dim=a.dim)
+        self.holdings.sync()  # loads (and warms) the pairs of the placement in force, then registers
+        self.holdings.start()
+        log.info("shard %d replica %s serves %d experts (placement version %d) at %s", shard, self.replica_id,
+                 len(self.entry["pairs"]), self.entry["version"], self.server.address)
 
-    @staticmethod
-    def warm_up(experts: ExpertSet, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Run every held expert once before registering, so that the first routed tokens do not pay for
-        cold kernels and first-touched weights: a replica added under load serves at speed at once."""
-        with torch.inference_mode():
-            for layer, (held, _, _) in experts.layers.items():
-                n = len(held)
-                ids = torch.tensor(held, device=device).view(n, 1)
-                experts.forward(layer, torch.zeros(n, dim, dtype=dtype, device=device), ids,
-                                torch.ones(n, 1, device=device))
+    def _install(self, experts: ExpertSet, fields: dict) -> None:
+        """Holdings' callback: serve `experts` and register the entry that says which placement they cover."""
+        import ray
+
+        self.info.bytes_loaded = self.holdings.ckpt.bytes_loaded  # read from disk so far: only what it held
+        if self.servicer is None:  # the first set: start the server on it
+            a = self.holdings.ckpt.args
+            self.servicer = ExpertServicer(experts, a.dim, a.n_layers, a.n_experts, self.holdings.dtype,
+                                           self.entry["max_message_bytes"], self.info, self.holdings.device)
+            self.server = GrpcServer(self.servicer, ray.util.get_node_ip_address(), self.entry["max_message_bytes"])
+            self.metrics = ReplicaMetrics(self.entry["shard"])
+            self.channel = grpc.insecure_channel(self.server.address)
+            self.health = health_pb2_grpc.HealthStub(self.channel)
+            self.entry["address"] = self.server.address
+        else:
+            self.servicer.set_experts(experts)
+        self.entry.update(fields, bytes_loaded=self.info.bytes_loaded)
+        self.registry.register(self.entry)
 
     def check_health(self) -> None:
         """Serve's health check: the gRPC server answers; re-registering heals a router's false alarm."""
@@ -311,6 +335,7 @@ class ExpertShard:
         and send it nothing new; calls already in flight finish; only then does the server stop."""
         if not hasattr(self, "channel"):  # __init__ failed before the server started
             return
+        self.holdings.stop()
         try:
             self.registry.set_state(self.app, self.replica_id, "draining")
             deadline = time.monotonic() + DRAIN_MAX_S

@@ -60,6 +60,12 @@ class ExpertPlaneConfig:
     upscale_delay_s: float = field(default=1.0, metadata={"help": "autoscaling: how long a need to grow must last"})
     downscale_delay_s: float = field(default=10.0, metadata={
         "help": "autoscaling: how long a need to shrink must last"})
+    rebalance_interval_s: float | None = field(default=None, metadata={
+        "help": "re-place hot (layer, expert) pairs every this many seconds when the routers' load of that window "
+                "calls for it (default: only on `raymoe rebalance`)"})
+    redundant_experts: int | None = field(default=None, metadata={
+        "help": "rebalancing: copies per layer beyond one of each expert, given to the hottest (default: one per "
+                "shard)"})
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest gRPC message between router and replica (2048 tokens of dim 4096 in float32: 32 MiB)"})
     call_timeout_s: float = field(default=10.0, metadata={"help": "deadline of each router-to-replica call"})
@@ -74,6 +80,10 @@ class ExpertPlaneConfig:
                              f"({self.replicas_per_shard})")
         if not 0 < self.target_busy <= 1:
             raise ValueError(f"target_busy must be in (0, 1], got {self.target_busy}")
+        if self.rebalance_interval_s is not None and self.rebalance_interval_s <= 0:
+            raise ValueError(f"rebalance_interval_s must be > 0, got {self.rebalance_interval_s}")
+        if self.redundant_experts is not None and self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
         if self.num_gpus < 0 or (self.expert_num_cpus is not None and self.expert_num_cpus <= 0):
             raise ValueError(f"num_gpus must be >= 0 and expert_num_cpus > 0, got {self.num_gpus} and "
                              f"{self.expert_num_cpus}")

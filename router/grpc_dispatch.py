@@ -8,6 +8,11 @@ this router (reported to the directory, which re-checks it), and its tokens go t
 the same shard: a dying replica costs latency, not a request. A shard with no replica left makes the
 call fail fast with ShardUnavailable, so the engine can retry later instead of sleeping on it.
 
+Which shards hold a (layer, expert) comes from the app's active placement (the deployed plan, or the
+one a rebalance switched to); routers count the tokens they route to each pair and report them, for
+the rebalancer. A replica that no longer holds a pair (the router missed a switch) answers
+FAILED_PRECONDITION, and the router re-reads the placement and sends the layer again.
+
 The calls run on grpc.aio channels of a private event loop that the calling (engine) thread itself
 runs for the length of each layer's gather: no hand-off to another Python thread on the hot path,
 which on a busy CPU costs more than the whole transport.
@@ -33,6 +38,7 @@ from router.dispatch import ExpertBackend, ExpertsUnavailable
 log = logging.getLogger(__name__)
 
 RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+STALE_RETRIES = 5  # re-reads of the placement after a replica says it no longer holds a pair
 
 
 class ExpertDispatchError(RuntimeError):
@@ -47,13 +53,23 @@ class ShardUnavailable(ExpertDispatchError, ExpertsUnavailable):
         self.shard = shard
 
 
-class ReplicaSource(Protocol):
-    """Where the router learns replica addresses (the cluster's directory) and reports failing ones."""
+class StalePlacement(ExpertDispatchError):
+    """A replica does not hold what this router's placement says it does: re-read the placement."""
 
-    def replicas(self) -> list[dict]:
-        """Entries with shard, replica_id, address, max_message_bytes and pairs [[layer, expert], ...]."""
+
+class ReplicaSource(Protocol):
+    """Where the router learns replica addresses and the placement (the cluster's directory), and reports
+    failing replicas and the tokens it routed."""
+
+    def view(self) -> dict:
+        """{"replicas": entries with shard, replica_id, address, max_message_bytes, pairs [[layer, expert], ...]
+        and (optionally) "ready": placement versions it can serve; "placement": the active placement record
+        {"version", "shards": [pairs of each shard]}, or None for the deployed plan (version 0)}."""
 
     def report_failure(self, address: str) -> None: ...
+
+    def report_tokens(self, counts: list) -> None:
+        """(L, E) tokens routed to each (layer, expert) since the last report."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,20 @@ class Replica:
     replica_id: str
     address: str
     seed: int  # of the replica's hash stream: where the sequences it ranks first are
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One consistent view: the placement version, its holder table and the replicas that serve it."""
+
+    version: int
+    holders: np.ndarray  # (L, E, H) shard ids holding each pair, padded with -1
+    n_holders: np.ndarray  # (L, E)
+    replicas: dict[int, list[Replica]]  # shard -> replicas ready for this version
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.holders.max()) + 1
 
 
 def holder_table(entries: list[dict], n_layers: int, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +155,30 @@ def spread(keys: np.ndarray, seeds: np.ndarray, weights: np.ndarray, epsilon: fl
     return choice[inverse]
 
 
+def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray) -> np.ndarray:
+    """ids (T, k) experts of `layer`, keys (T,) sequences, n_holders (E,) copies of each -> (T, k) which copy.
+
+    A pair held by several shards splits this call's tokens evenly among its copies (to within one), in
+    the order of a hash of (sequence, pair): ranges of that order go to one copy each, so a sequence
+    tends to keep its copy from step to step, and no copy gets more than its share, which hashing each
+    sequence on its own would give it with a few dozen sequences.
+
+    Example: expert 3 has 2 copies and 5 of this call's tokens; by hash they rank [t4, t0, t2, t1, t3]:
+    t4, t0, t2 (ranks 0-2, rank * 2 // 5 == 0) go to copy 0; t1, t3 to copy 1.
+    """
+    n = n_holders[ids]  # (T, k)
+    pick = np.zeros(ids.size, dtype=np.int64)
+    multi = n.ravel() > 1
+    if multi.any():
+        h = _mix(keys.astype(np.uint64)[:, None] ^ (ids.astype(np.uint64) + np.uint64(layer << 16))).ravel()
+        flat = ids.ravel()
+        for e in np.unique(flat[multi]).tolist():
+            at = np.flatnonzero(flat == e)
+            order = at[np.argsort(h[at], kind="stable")]
+            pick[order] = np.arange(len(at)) * int(n_holders[e]) // len(at)
+    return pick.reshape(ids.shape)
+
+
 def load_weight(busy: float) -> float:
     """How much of a fair share a replica reporting `busy` should get: less as it nears saturation."""
     return min(1.0, max(0.1, 1.1 - busy))
@@ -136,22 +190,23 @@ class GrpcExperts(ExpertBackend):
         """timeout_s: deadline of each call; refresh_s: how often the view is re-read from the source;
         suspect_s: how long a replica that failed is left out by this router before it is tried again."""
         self.source, self.timeout_s, self.suspect_s = source, timeout_s, suspect_s
-        entries = source.replicas()
+        self.n_layers, self.n_experts = n_layers, n_experts
+        view = source.view()
+        entries = view["replicas"]
         if not entries:
             raise ExpertDispatchError("the replica source lists no expert replicas")
-        self.n_layers, self.n_experts = n_layers, n_experts
-        self.holders, self.n_holders = holder_table(entries, n_layers, n_experts)
-        self.num_shards = int(self.holders.max()) + 1
+        self.routing = self._routing(view, None)
         self.max_message_bytes = max_message_bytes or min(e["max_message_bytes"] for e in entries)
         self._loop = asyncio.new_event_loop()
         self._loop_lock = threading.Lock()  # one thread at a time runs the loop
         self._helper: concurrent.futures.ThreadPoolExecutor | None = None  # for callers inside a running loop
         # address -> (channel, stub), used on the private loop only
         self._channels: dict[str, tuple[grpc.aio.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
-        self.view = self._view(entries)
         self.suspect: dict[str, float] = {}  # replica_id -> monotonic time it may be tried again
         self.busy: dict[str, float] = {}  # replica_id -> the busy fraction its last reply reported
         self.rows_sent: dict[str, int] = {}  # replica_id -> rows this router sent it (for tests and status)
+        self.tokens = np.zeros((n_layers, n_experts), dtype=np.int64)  # routed since the last report
+        self._tokens_lock = threading.Lock()
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, args=(refresh_s,), name="expert-view",
                                            daemon=True)
@@ -159,17 +214,44 @@ class GrpcExperts(ExpertBackend):
 
     # --- the view of live replicas --------------------------------------------------------------
 
-    def _view(self, entries: list[dict]) -> dict[int, list[Replica]]:
-        view: dict[int, list[Replica]] = {}
-        for e in sorted(entries, key=lambda e: e["replica_id"]):
-            view.setdefault(e["shard"], []).append(
+    def _routing(self, view: dict, old: Routing | None) -> Routing:
+        """The active placement if some replica is ready for it, else the deployed plan (version 0), whose
+        pairs the entries list; a holder table that would not cover the model keeps the old one."""
+        record = view["placement"]
+        entries = view["replicas"]
+        version = 0
+        if record and any(record["version"] in e.get("ready", (0,)) for e in entries):
+            version = record["version"]
+        ready = [e for e in entries if version in e.get("ready", (0,))]
+        replicas: dict[int, list[Replica]] = {}
+        for e in sorted(ready, key=lambda e: e["replica_id"]):
+            replicas.setdefault(e["shard"], []).append(
                 Replica(e["replica_id"], e["address"], zlib.crc32(e["replica_id"].encode())))
-        return view
+        if old is not None and old.version == version and version:
+            return Routing(version, old.holders, old.n_holders, replicas)
+        shards = [{"shard": i, "pairs": ps} for i, ps in enumerate(record["shards"])] if version else ready
+        try:
+            holders, n_holders = holder_table(shards, self.n_layers, self.n_experts)
+        except ExpertDispatchError:
+            if old is None:
+                raise
+            holders, n_holders = old.holders, old.n_holders  # a shard with no replica left: keep its pairs
+        if old is not None and old.version != version:
+            log.info("expert placement version %d -> %d", old.version, version)
+        return Routing(version, holders, n_holders, replicas)
+
+    @property
+    def view(self) -> dict[int, list[Replica]]:
+        return self.routing.replicas
+
+    @property
+    def num_shards(self) -> int:
+        return self.routing.num_shards
 
     def refresh(self) -> None:
-        entries = self.source.replicas()
-        if entries:  # an empty answer is a directory that just restarted: keep what we know
-            self.view = self._view(entries)
+        view = self.source.view()
+        if view["replicas"]:  # an empty answer is a directory that just restarted: keep what we know
+            self.routing = self._routing(view, self.routing)
 
     def _try_refresh(self) -> None:
         try:
@@ -177,14 +259,25 @@ class GrpcExperts(ExpertBackend):
         except Exception as e:  # the directory may be briefly unreachable; the old view still works
             log.warning("could not refresh the expert replica view: %r", e)
 
+    def _report_tokens(self) -> None:
+        with self._tokens_lock:
+            counts, self.tokens = self.tokens, np.zeros_like(self.tokens)
+        if counts.any():
+            try:
+                self.source.report_tokens(counts.tolist())
+            except Exception as e:  # a lost report only blurs the rebalancer's picture
+                log.warning("could not report routed tokens: %r", e)
+
     def _refresh_loop(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
             self._try_refresh()
+            self._report_tokens()
 
-    def live(self, shard: int) -> list[Replica]:
+    def live(self, shard: int, routing: Routing | None = None) -> list[Replica]:
         """The shard's replicas this router does not suspect right now."""
         now = time.monotonic()
-        return [r for r in self.view.get(shard, []) if self.suspect.get(r.replica_id, 0.0) <= now]
+        reps = (routing or self.routing).replicas.get(shard, [])
+        return [r for r in reps if self.suspect.get(r.replica_id, 0.0) <= now]
 
     def unavailable_shards(self) -> list[int]:
         """Shards with no replica this router would call now (for /health)."""
@@ -220,10 +313,11 @@ class GrpcExperts(ExpertBackend):
             self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-dispatch")
         return self._helper.submit(self._run, coro).result()
 
-    def candidates(self, shard: int) -> list[Replica]:
+    def candidates(self, shard: int, routing: Routing | None = None) -> list[Replica]:
         """Who may take the shard's tokens: the live replicas, else (all suspect) every registered one,
         since a suspect that answers again is better than no answer."""
-        reps = self.live(shard) or self.view.get(shard, [])
+        routing = routing or self.routing
+        reps = self.live(shard, routing) or routing.replicas.get(shard, [])
         if not reps:
             raise ShardUnavailable(shard, "no replica is registered")
         return reps
@@ -231,23 +325,20 @@ class GrpcExperts(ExpertBackend):
     # --- scatter / gather -------------------------------------------------------------------------
 
     def requests(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                 keys: np.ndarray | None = None) -> list[tuple[int, Replica, np.ndarray, expert_pb2.ForwardRequest]]:
+                 keys: np.ndarray | None = None, routing: Routing | None = None
+                 ) -> list[tuple[int, Replica, np.ndarray, expert_pb2.ForwardRequest]]:
         """(shard, replica, rows, request) per message: x's tokens bound for each shard, spread over its replicas.
 
         Index work and row gathers run in numpy, single-threaded: a torch op this small would wake
         torch's worker threads, asleep after the last gRPC wait, which on a busy CPU costs milliseconds.
         """
+        routing = routing or self.routing
         ids = expert_ids.cpu().numpy()  # (T, k)
         w = weights.float().cpu().numpy()  # (T, k)
         x_raw = raw_rows(x)  # (T, dim) of same-size integers: rows of raw bytes
         if keys is None:
             keys = np.arange(len(ids), dtype=np.int64)
-        # A pair held by several shards: each sequence's tokens of it go to one of them, by hash, so the copies
-        # share the pair's load and a sequence keeps its copy.
-        n = self.n_holders[layer][ids]  # (T, k)
-        pick = _mix(keys.astype(np.uint64)[:, None] ^ (ids.astype(np.uint64) + np.uint64(layer << 16))) % n.astype(
-            np.uint64)
-        shard_of = self.holders[layer][ids, pick.astype(np.int64)]  # (T, k)
+        shard_of = routing.holders[layer][ids, copy_of(layer, ids, keys, routing.n_holders[layer])]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
         name = WIRE_NAMES[x.dtype]
@@ -256,7 +347,7 @@ class GrpcExperts(ExpertBackend):
             here = shard_of == s  # (T, k)
             rows = np.flatnonzero(here.any(axis=1))  # (N,)
             sub_ids = np.where(here, ids, -1)  # (T, k)
-            reps = self.candidates(s)
+            reps = self.candidates(s, routing)
             if len(reps) == 1:
                 where = np.zeros(len(rows), dtype=np.int64)
             else:
@@ -292,6 +383,8 @@ class GrpcExperts(ExpertBackend):
                     continue
                 if not isinstance(reply, grpc.RpcError):
                     raise reply
+                if reply.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise StalePlacement(f"shard {shard} replica {rep.address}: {reply.details()}") from None
                 if reply.code() not in RETRIABLE:
                     raise ExpertDispatchError(f"shard {shard} replica {rep.address} refused layer "
                                               f"{layer}: {reply.code().name}: {reply.details()}") from None
@@ -317,8 +410,20 @@ class GrpcExperts(ExpertBackend):
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                 keys: np.ndarray | None = None) -> torch.Tensor:
-        msgs = self.requests(layer, x, expert_ids, weights, keys)
-        replies = self.gather(layer, [(s, rep, req) for s, rep, _, req in msgs])
+        counts = np.bincount(expert_ids.cpu().numpy().ravel(), minlength=self.n_experts)  # (E,)
+        with self._tokens_lock:
+            self.tokens[layer] += counts
+        for attempt in range(STALE_RETRIES + 1):
+            msgs = self.requests(layer, x, expert_ids, weights, keys, self.routing)
+            try:
+                replies = self.gather(layer, [(s, rep, req) for s, rep, _, req in msgs])
+                break
+            except StalePlacement as e:
+                if attempt == STALE_RETRIES:
+                    raise
+                log.info("re-reading the expert placement: %s", e)
+                time.sleep(0.05 * attempt)
+                self._try_refresh()
         outputs = [(rows, from_wire(reply.output, "output", x.dtype, ndim=2))
                    for (_, _, rows, _), reply in zip(msgs, replies, strict=True)]
         np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(x.dtype)

@@ -105,7 +105,7 @@ def test_default_cpu_share_fits_the_cluster_or_fails_at_once(ray_session, ckpt):
     assert 0.05 <= share <= min(1.0, free / 20)
     assert fit_cpus(1) == 1.0
     app = build_expert_plane(str(ckpt[0]), "float32", ExpertPlaneConfig(num_shards=4, replicas_per_shard=5))
-    assert {d._bound_deployment.ray_actor_options["num_cpus"] for d in app._bound_deployment.init_args} == {share}
+    assert {d._bound_deployment.ray_actor_options["num_cpus"] for d in app._bound_deployment.init_args[2:]} == {share}
     t = time.monotonic()
     with pytest.raises(ValueError, match="do not fit .* pass fewer --num-shards/--replicas-per-shard, an explicit "
                                          "--expert-num-cpus"):
@@ -118,7 +118,7 @@ def test_gpus_reach_the_replica_actor_options(ckpt):
                                                                   num_gpus=0.5))
     plane = app._bound_deployment
     assert "Expert" in plane.name
-    shards = [a._bound_deployment for a in plane.init_args]
+    shards = [a._bound_deployment for a in plane.init_args[2:]]
     assert [d.name for d in shards] == ["ExpertShard-0", "ExpertShard-1"]
     assert all(d.ray_actor_options["num_gpus"] == 0.5 and d.num_replicas == 3 for d in shards)
 
@@ -135,11 +135,14 @@ class SwapSource:
     def __init__(self, entries):
         self.entries, self.dead = entries, []
 
-    def replicas(self):
-        return self.entries[1:] if self.dead else self.entries[:1]
+    def view(self):
+        return {"replicas": self.entries[1:] if self.dead else self.entries[:1], "placement": None}
 
     def report_failure(self, address):
         self.dead.append(address)
+
+    def report_tokens(self, counts):
+        pass
 
 
 def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
@@ -149,7 +152,7 @@ def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
     pairs = [(l, e) for l in range(a.n_layers) for e in range(a.n_experts)]
     experts = ExpertSet.load(c, pairs, torch.float32)
     info, cpu = expert_pb2.InfoResponse(), torch.device("cpu")
-    servers = [GrpcServer(cls(experts, a.dim, a.n_experts, torch.float32, MAX_MESSAGE, info, cpu),
+    servers = [GrpcServer(cls(experts, a.dim, a.n_layers, a.n_experts, torch.float32, MAX_MESSAGE, info, cpu),
                           "127.0.0.1", MAX_MESSAGE) for cls in (SlowServicer, ExpertServicer)]
     source = SwapSource([dict(shard=0, num_shards=1, replica_id=rid, address=srv.address, pairs=pairs,
                               max_message_bytes=MAX_MESSAGE)
@@ -227,9 +230,7 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
         "hidden size is 64": request(hidden=to_wire(torch.randn(3, 63))),
         "3 dimensions, expected 2": request(hidden=to_wire(x[None])),
         "bytes of data": request(hidden=short),
-        "layer 7 is not held": request(layer=7),
-        "expert 1 of layer 1 is not held by shard 0": request(
-            expert_ids=to_wire(ids.masked_fill(ids == 2, 1))),
+        "layer 7 is not a layer of this model": request(layer=7),
         "17 is not an expert id": request(expert_ids=to_wire(ids.masked_fill(ids == 2, 17))),
         "dtype float32 where int32": request(expert_ids=to_wire(ids.float())),
         "differs from expert_ids": request(weights=to_wire(w[:, :1])),
@@ -243,6 +244,12 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
         assert message in err.value.details()
         check_still_serving()
+    # A pair of the model this shard does not hold: a router on an old placement, told to re-read it.
+    with pytest.raises(grpc.RpcError) as err:
+        forward(request(expert_ids=to_wire(ids.masked_fill(ids == 2, 1))), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expert 1 of layer 1 is not held by shard 0" in err.value.details()
+    check_still_serving()
     echo = rpc(entry["address"], "Echo", expert_pb2.EchoResponse)
     with pytest.raises(grpc.RpcError) as err:
         echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=-1).SerializeToString())

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import ray
+import torch
 from hf_reference import build_checkpoint
 
 from checkpoint.reader import Checkpoint
@@ -345,5 +346,105 @@ def test_a_pair_held_by_two_shards_shares_its_tokens(ray_session, ckpt, local):
             assert by_shard[0][pair] > 0 and by_shard[1][pair] > 0  # both copies took tokens
         routed = llm.engine.expert_tokens
         assert by_shard[0][(1, 0)] + by_shard[1][(1, 0)] == int(routed[1, 0])
+    finally:
+        llm.shutdown()
+
+
+# --- hot-expert re-placement -----------------------------------------------------------------------
+
+
+def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session, ckpt, local):
+    """A rebalance started mid-generate: decode goes on through it, tokens equal the local run's, every
+    replica ends up holding exactly its shard's pairs of the new placement, and a router that missed the
+    switch (it never refreshes its view) finds the new placement when a replica turns its old pairs away."""
+    from cluster.rebalance import RebalanceOptions, rebalance
+    from cluster.status import plane_status
+    from router.grpc_dispatch import GrpcExperts
+
+    long = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in local.generate(PROMPTS, long)]
+    llm = LLM(ckpt, expert_backend="ray", num_shards=2, expert_num_cpus=0.1)
+    app = llm.experts.app_name
+    a = llm.args
+    stale = GrpcExperts(DirectoryClient(app), a.n_layers, a.n_experts, refresh_s=3600)
+    try:
+        llm.generate(PROMPTS, GREEDY)
+        wait_for(lambda: DirectoryClient(app).token_counts(60) is not None, what="the router's token report")
+        # On top of the router's own reports, a skew as another router would report it: experts 0 and 2 hot,
+        # so both get a second copy and shard 1 (experts 1, 3) gives up one of its own.
+        DirectoryClient(app).report_tokens([[100_000, 1_000, 90_000, 1_000]] * a.n_layers)
+        result, calls = {}, []
+
+        class RebalanceMidway:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def forward(self, layer, x, expert_ids, weights, keys=None):
+                calls.append(time.monotonic())
+                if len(calls) == 10:
+                    result["start"] = time.monotonic()
+                    threading.Thread(target=lambda: result.update(r=rebalance(app, RebalanceOptions()),
+                                                                  end=time.monotonic())).start()
+                return self.inner.forward(layer, x, expert_ids, weights, keys)
+
+        llm.engine.experts = RebalanceMidway(llm.experts)
+        try:
+            outs = llm.generate(PROMPTS, long)
+            wait_for(lambda: "r" in result, timeout_s=60, what="the rebalance")
+        finally:
+            llm.engine.experts = llm.experts
+        assert [o.outputs[0].token_ids for o in outs] == want
+        r = result["r"]
+        assert r["switched"] and r["version"] == 1 and r["pairs_moved"] > 0
+        assert any(result["start"] < t < result["end"] for t in calls)  # decode did not wait for the switch
+        new = {s: sorted(map(tuple, pairs)) for s, pairs in enumerate(r["shards"])}
+        assert all(len(pairs) == 2 * 3 for pairs in new.values())  # 4 experts + 2 copies per layer, 3 per shard
+        assert all((l, e) in new[0] and (l, e) in new[1] for l in range(a.n_layers) for e in (0, 2))
+        entries = DirectoryClient(app).replicas()
+
+        def holds_new() -> bool:
+            return all(sorted((p.layer, p.expert) for p in info(e["address"]).pairs) == new[e["shard"]]
+                       for e in entries)
+        wait_for(holds_new, what="replicas to drop the old placement's pairs")
+        wait_for(lambda: llm.experts.backend.routing.version == 1, what="the router's switch")
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, long)] == want
+        s = plane_status(app)
+        assert s["placement_version"] == 1
+        assert {sh["shard"]: sorted(map(tuple, sh["pairs"])) for sh in s["shards"]} == new
+        assert any(d["kind"] == "rebalance" for d in s["decisions"])
+        # The stale router still routes by version 0: the replicas it picks turn pairs away, it re-reads.
+        assert stale.routing.version == 0
+        x = torch.randn(6, a.dim)
+        ids = torch.tensor([[0, 1], [2, 3], [1, 3], [3, 0], [1, 2], [3, 1]])  # every expert: one moved away
+        weights = torch.softmax(torch.randn(6, 2), -1)
+        out = stale.forward(1, x, ids, weights)
+        assert stale.routing.version == 1
+        assert torch.allclose(out, local.engine.experts.forward(1, x, ids, weights), atol=1e-5)
+    finally:
+        stale.close()
+        llm.shutdown()
+
+
+def test_periodic_rebalance_follows_the_load(ray_session, ckpt, local):
+    """With rebalance_interval_s set, the plane re-places on its own once the routers' load calls for it."""
+    from cluster.status import plane_status
+
+    llm = LLM(ckpt, expert_backend="ray", num_shards=2, expert_num_cpus=0.1, rebalance_interval_s=1.0)
+    app = llm.experts.app_name
+    try:
+        directory = DirectoryClient(app)
+        skew = [[100_000, 1_000, 90_000, 1_000]] * llm.args.n_layers  # experts 0 and 2 (both on shard 0) hot
+
+        def switched() -> bool:
+            directory.report_tokens(skew)  # as a router under this load would, every refresh
+            return plane_status(app)["placement_version"] >= 1
+        wait_for(switched, timeout_s=60, what="a periodic rebalance")
+        s = plane_status(app)
+        assert any(d["kind"] == "rebalance" for d in s["decisions"])
+        assert all((l, e) in map(tuple, sh["pairs"]) for sh in s["shards"] for l in range(llm.args.n_layers)
+                   for e in (0, 2))  # the hot experts now on both shards
+        outs = llm.generate(PROMPTS, GREEDY)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in local.generate(PROMPTS,
+                                                                                                         GREEDY)]
     finally:
         llm.shutdown()

@@ -1,0 +1,110 @@
+"""Hot-expert re-placement: which shards should hold which (layer, expert) pairs, given the tokens each got.
+
+DeepSeek's EPLB (github.com/deepseek-ai/EPLB), per layer: give the hottest experts redundant copies until
+the layer has its budget of copies (each time, copy the expert with the most load per copy), then pack
+the copies onto shards, heaviest first, each to the least-loaded shard with a free slot. Two changes
+for raymoe: a shard's capacity is its replica count (routers spread a shard's tokens over its replicas,
+so a shard with three replicas should take three times the load in the same memory per replica), and a
+shard never holds two copies of one pair (its replicas would run them as one). Copies go to the shard least loaded
+over all layers placed so far, so small per-layer differences even out instead of piling up on one shard.
+"""
+
+import numpy as np
+
+from cluster.placement import Pair
+
+
+def replicate(load: np.ndarray, copies: int, max_copies: int) -> np.ndarray:
+    """load (E,) tokens per expert -> (E,) copies of each, `copies` in all, each between 1 and max_copies.
+
+    Example: load [60, 40, 10], 6 copies, at most 3 each: start [1, 1, 1]; 60/1 is the most per copy ->
+    [2, 1, 1]; then 40/1 > 60/2 -> [2, 2, 1]; then 60/2 > 40/2 -> [3, 2, 1].
+    """
+    E = len(load)
+    if not E <= copies <= E * max_copies:
+        raise ValueError(f"{copies} copies of {E} experts: need between {E} and {E * max_copies} "
+                         f"(at most {max_copies} of one expert, one per shard)")
+    count = np.ones(E, dtype=np.int64)
+    for _ in range(copies - E):
+        per_copy = np.where(count < max_copies, load / count, -np.inf)
+        count[int(np.argmax(per_copy))] += 1
+    return count
+
+
+def pack(load: np.ndarray, count: np.ndarray, capacity: np.ndarray, slots: int, total: np.ndarray
+         ) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """One layer's copies (count (E,) of each expert, load (E,) split evenly over them) onto G shards of
+    `slots` each, heaviest first, each to the shard with the least load per replica after it, counting the
+    layers placed before (`total`, (G,)); ties to the lowest index -> ([(shard, expert)], (G,) this layer's
+    load per replica)."""
+    G, E = len(capacity), len(load)
+    items = sorted(((load[e] / count[e], e) for e in range(E) for _ in range(count[e])), key=lambda it: (-it[0], it[1]))
+    here = np.zeros(G)
+    free = np.full(G, slots)
+    held = [set() for _ in range(G)]
+    out = []
+    for w, e in items:
+        g = min((g for g in range(G) if free[g] and e not in held[g]),
+                key=lambda g: (total[g] + here[g] + w / capacity[g], g))
+        here[g] += w / capacity[g]
+        free[g] -= 1
+        held[g].add(e)
+        out.append((g, e))
+    return out, here
+
+
+def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer: int, max_tries: int = 16
+                       ) -> list[list[Pair]]:
+    """load (L, E) tokens per (layer, expert), capacity (G,) replicas per shard -> G lists of pairs.
+
+    Every pair is held at least once, by at most G shards; each shard holds at most ceil(copies_per_layer / G)
+    pairs of a layer, so every replica needs the same memory. Per layer, up to `max_tries` copy counts from
+    E to copies_per_layer are packed and the one with the lowest peak load per replica is kept (ties: fewer
+    copies): when shards have different replica counts, fewer, heavier copies can fill a bigger shard
+    where many even ones cannot.
+
+    Example: one layer, load [60, 30, 10], two shards of one replica, 4 copies (2 slots each). 3 copies:
+    60 -> shard 0; 30 and 10 -> shard 1: peak 60. 4 copies (expert 0 twice, 30 each): 30 -> 0, 30 -> 1,
+    30 -> 0 (tie: lower index), 10 -> 1: peak 60 too; so 3 copies: [[(0, 0)], [(0, 1), (0, 2)]].
+    """
+    load = np.asarray(load, dtype=np.float64)
+    capacity = np.asarray(capacity, dtype=np.float64)
+    L, E = load.shape
+    G = len(capacity)
+    if G < 1 or (capacity <= 0).any():
+        raise ValueError(f"every shard needs a positive capacity, got {capacity.tolist()}")
+    if not E <= copies_per_layer <= E * G:
+        raise ValueError(f"{copies_per_layer} copies per layer of {E} experts on {G} shards: need between {E} and "
+                         f"{E * G} (at most one copy of an expert per shard)")
+    slots = -(-copies_per_layer // G)
+    tries = np.unique(np.linspace(E, copies_per_layer, min(max_tries, copies_per_layer - E + 1)).round().astype(int))
+    total = np.zeros(G)  # load per replica over the layers placed so far
+    shards: list[list[Pair]] = [[] for _ in range(G)]
+    for layer in range(L):
+        best = None
+        for copies in tries:
+            out, here = pack(load[layer], replicate(load[layer], int(copies), G), capacity, slots, total)
+            score = (round(here.max(), 9), round((total + here).max(), 9))
+            if best is None or score < best[0]:
+                best = (score, out, here)
+        _, out, here = best
+        for g, e in out:
+            shards[g].append((layer, e))
+        total += here
+    return [sorted(s) for s in shards]
+
+
+def shard_loads(load: np.ndarray, shards: list[list[Pair]], capacity: np.ndarray) -> np.ndarray:
+    """(G,) load per replica of each shard if a pair's tokens split evenly over the shards holding it."""
+    load = np.asarray(load, dtype=np.float64)
+    holders = np.zeros(load.shape)
+    for s in shards:
+        for l, e in s:
+            holders[l, e] += 1
+    return np.array([sum(load[l, e] / holders[l, e] for l, e in s) for s in shards]) / np.asarray(capacity)
+
+
+def imbalance(loads: np.ndarray) -> float:
+    """(max - mean) / mean: 0 is perfect balance; 1 means the busiest does twice the average."""
+    mean = float(np.mean(loads))
+    return float((np.max(loads) - mean) / mean) if mean > 0 else 0.0

@@ -1,0 +1,139 @@
+"""`raymoe rebalance`: move hot (layer, expert) pairs to a placement that balances the routers' recent load,
+live, without stopping decode.
+
+1. Read what the routers routed to each (layer, expert) over a window, and the shards' replica counts.
+2. Compute a balanced placement (cluster.eplb) with `redundant_experts` more copies per layer than experts.
+3. Propose it: every replica loads the pairs the new placement gives its shard, beside those it serves,
+   and lists the new version as ready. Routers still use the old placement meanwhile.
+4. Once every replica is ready, commit: routers switch at their next view refresh (one placement per
+   layer call, so a call never mixes two); replicas drop pairs only the old placement had a few
+   seconds later, when no router sends them any more. A replica added later loads the active placement.
+
+No replica restarts and no Serve redeploy: the Serve config (and a RayService) stays as it was, and the
+placement lives in the directory and Ray's GCS key-value store.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cluster.eplb import balanced_placement, imbalance, shard_loads
+from cluster.placement import PlacementPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RebalanceOptions:
+    """How to rebalance."""
+
+    redundant_experts: int | None = field(default=None, metadata={
+        "help": "copies per layer beyond one of each expert, given to the hottest (default: one per shard, at "
+                "most what the shards can hold apart)"})
+    window_s: float = field(default=60.0, metadata={"help": "balance the tokens routed over this many seconds"})
+    min_gain: float = field(default=0.0, metadata={
+        "help": "switch only if the predicted imbalance drops by at least this much"})
+    dry_run: bool = field(default=False, metadata={"help": "print the placement it would switch to, switch nothing"})
+    timeout_s: float = field(default=120.0, metadata={"help": "give up if replicas are not ready within this"})
+
+
+def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]], dict[int, int], str]:
+    """(version, pairs of each shard, serving replicas per shard, plan_id) of an app's directory snapshot."""
+    entries = [e for e in snapshot["replicas"] if e.get("state") != "draining"]
+    if not entries:
+        raise ValueError("the expert plane has no registered replica")
+    plan_ids = {e.get("plan_id", "") for e in entries}
+    if len(plan_ids) != 1:
+        raise ValueError("the expert plane's replicas come from different deployments (an update is under way): "
+                         "try again when it has finished")
+    num_shards = entries[0]["num_shards"]
+    record = snapshot["placement"]
+    if record and record["plan_id"] in plan_ids and any(record["version"] in e.get("ready", ()) for e in entries):
+        version, shards = record["version"], [[tuple(p) for p in ps] for ps in record["shards"]]
+    else:
+        version, shards = 0, [[] for _ in range(num_shards)]
+        for e in entries:
+            shards[e["shard"]] = [tuple(p) for p in e["pairs"]]
+    replicas = {s: sum(e["shard"] == s for e in entries) for s in range(num_shards)}
+    return version, shards, replicas, plan_ids.pop()
+
+
+def rebalance(app: str, o: RebalanceOptions) -> dict:
+    """Plan and (unless o.dry_run) apply a balanced placement; returns what it did:
+    {"version", "switched", "imbalance_before", "imbalance_after" (predicted on the window's tokens),
+    "pairs_moved", "seconds", "shards"}."""
+    # Imported here, not at the top: the CLI reads RebalanceOptions for --help without loading Ray and Serve.
+    from cluster.autoscaling import log_decision
+    from cluster.directory import DirectoryClient
+
+    directory = DirectoryClient(app)
+    snapshot = directory.snapshot()
+    version, shards, replicas, plan_id = current_placement(snapshot)
+    counts = directory.token_counts(o.window_s)
+    if counts is None or not np.any(counts):
+        raise ValueError(f"no tokens routed in the last {o.window_s:.0f}s: nothing to balance on")
+    load = np.asarray(counts, dtype=np.float64)  # (L, E)
+    n_layers, n_experts = load.shape
+    G = len(shards)
+    capacity = np.array([max(1, replicas[s]) for s in range(G)], dtype=np.float64)
+    redundant = G if o.redundant_experts is None else o.redundant_experts
+    redundant = min(redundant, n_experts * (G - 1))  # at most one copy of a pair per shard
+    new = balanced_placement(load, capacity, n_experts + redundant)
+    PlacementPlan.from_sets(new).validate(n_layers, n_experts)
+    before = imbalance(shard_loads(load, shards, capacity))
+    after = imbalance(shard_loads(load, new, capacity))
+    moved = sum(len(set(n) - set(o_)) for n, o_ in zip(new, shards, strict=True))
+    result = {"version": version, "switched": False, "imbalance_before": before, "imbalance_after": after,
+              "pairs_moved": moved, "seconds": 0.0, "shards": [[list(p) for p in s] for s in new]}
+    if o.dry_run or moved == 0 or before - after < o.min_gain:
+        return result
+    target = version + 1
+    active = snapshot["placement"]
+    if active and active["version"] >= target:  # a stale record of an earlier deployment: go past it
+        target = active["version"] + 1
+    t0 = time.monotonic()
+    directory.propose({"version": target, "plan_id": plan_id, "shards": result["shards"], "time": time.time()})
+    try:
+        wait_ready(directory, target, G, o.timeout_s)
+    except BaseException:
+        directory.abort(target)
+        raise
+    directory.commit(target)
+    result.update(version=target, switched=True, seconds=time.monotonic() - t0)
+    log_decision(app, "rebalance", f"placement v{target}: {moved} pairs moved, predicted imbalance {before:.2f} -> "
+                                   f"{after:.2f}, replicas ready in {result['seconds']:.1f}s")
+    return result
+
+
+def wait_ready(directory, version: int, num_shards: int, timeout_s: float) -> None:
+    """Until every serving replica lists `version` as ready and every shard has one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entries = [e for e in directory.snapshot()["replicas"] if e.get("state") == "serving"]
+        ready = {e["shard"] for e in entries if version in e.get("ready", ())}
+        if ready == set(range(num_shards)) and all(version in e.get("ready", ()) for e in entries):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"placement v{version}: shards {sorted(set(range(num_shards)) - ready)} not ready "
+                               f"after {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+def format_result(r: dict) -> str:
+    head = (f"placement v{r['version']}: switched in {r['seconds']:.1f}s" if r["switched"]
+            else "placement unchanged (dry run, or nothing to gain)")
+    lines = [head, f"predicted per-replica imbalance (max - mean) / mean: {r['imbalance_before']:.2f} -> "
+                   f"{r['imbalance_after']:.2f}; {r['pairs_moved']} (shard, pair) copies new"]
+    for s, pairs in enumerate(r["shards"]):
+        lines.append(f"  shard {s}: {describe_pairs(pairs)}")
+    return "\n".join(lines)
+
+
+def describe_pairs(pairs: list) -> str:
+    """[[0, 1], [0, 5], [1, 2]] -> 'L0: 1,5  L1: 2'."""
+    by_layer: dict[int, list[int]] = {}
+    for l, e in pairs:
+        by_layer.setdefault(l, []).append(e)
+    return "  ".join(f"L{l}: {','.join(map(str, sorted(es)))}" for l, es in sorted(by_layer.items()))

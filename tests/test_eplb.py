@@ -1,0 +1,68 @@
+"""The re-placement planner (cluster/eplb.py) on built loads: coverage, budgets, and the balance it reaches."""
+
+import numpy as np
+import pytest
+
+from cluster.eplb import balanced_placement, imbalance, replicate, shard_loads
+from cluster.placement import PlacementPlan
+
+
+def zipf_load(rng, n_layers: int, n_experts: int, s: float) -> np.ndarray:
+    p = 1.0 / np.arange(1, n_experts + 1) ** s
+    return np.stack([rng.permutation(p) for _ in range(n_layers)]) * 1000  # (L, E), each layer its own hot set
+
+
+def test_replicate_gives_copies_to_the_most_load_per_copy():
+    assert replicate(np.array([60.0, 40, 10]), 6, 3).tolist() == [3, 2, 1]  # the docstring's example
+    assert replicate(np.array([60.0, 30, 10]), 5, 3).tolist() == [3, 1, 1]  # 60/2 ties 30/1: the lower index
+    assert replicate(np.array([100.0, 1, 1]), 7, 3).tolist() == [3, 2, 2]  # capped at 3 (one per shard)
+    with pytest.raises(ValueError, match="need between 3 and 6"):
+        replicate(np.ones(3), 7, 2)
+
+
+def test_the_docstring_example():
+    shards = balanced_placement(np.array([[60.0, 30, 10]]), np.ones(2), 4)
+    assert shards == [[(0, 0)], [(0, 1), (0, 2)]]
+    assert shard_loads(np.array([[60.0, 30, 10]]), shards, np.ones(2)).tolist() == [60, 40]
+
+
+@pytest.mark.parametrize("s", [0.8, 1.2, 2.0])
+def test_zipf_load_is_balanced_within_budget(s):
+    rng = np.random.default_rng(0)
+    L, E, G = 4, 8, 8
+    load = zipf_load(rng, L, E, s)
+    expert_parallel = [list(p) for p in
+                       (shard.pairs for shard in PlacementPlan.expert_parallel(L, E, G).shards)]
+    before = imbalance(shard_loads(load, expert_parallel, np.ones(G)))
+    shards = balanced_placement(load, np.ones(G), E + G)
+    PlacementPlan.from_sets(shards).validate(L, E)  # every pair held, none twice on a shard
+    assert all(sum(1 for l, _ in sh if l == layer) <= 2 for sh in shards for layer in range(L))  # 16 slots / 8
+    after = imbalance(shard_loads(load, shards, np.ones(G)))
+    assert after < 0.05 < before
+    hot = [int(np.argmax(load[l])) for l in range(L)]
+    copies = [sum((l, hot[l]) in sh for sh in shards) for l in range(L)]
+    assert min(copies) >= 3  # the hottest expert of each layer is held by several shards
+
+
+def test_capacity_follows_replicas():
+    """A shard with three replicas takes three times the load: per-replica load evens out."""
+    rng = np.random.default_rng(1)
+    load = zipf_load(rng, 4, 8, 1.2)
+    capacity = np.array([3.0, 1, 1, 1])
+    shards = balanced_placement(load, capacity, 12)
+    assert all(sum(1 for l, _ in sh if l == layer) <= 3 for sh in shards for layer in range(4))  # equal memory
+    per_replica = shard_loads(load, shards, capacity)
+    aware = imbalance(per_replica)
+    assert aware < 0.1
+    per_shard = per_replica * capacity
+    assert per_shard[0] > 2 * per_shard[1:].max()
+    blind = balanced_placement(load, np.ones(4), 12)
+    assert imbalance(shard_loads(load, blind, capacity)) > 2 * aware  # a plan blind to replicas balances worse
+
+
+def test_without_redundant_copies_it_only_repacks():
+    rng = np.random.default_rng(2)
+    load = zipf_load(rng, 4, 8, 1.2)
+    shards = balanced_placement(load, np.ones(4), 8)
+    assert sorted(p for sh in shards for p in sh) == [(l, e) for l in range(4) for e in range(8)]
+    assert all(len(sh) == 8 for sh in shards)
