@@ -20,6 +20,7 @@ from bench.routing import RoutingReportOptions
 from bench.serve import ServeBenchOptions
 from checkpoint.bundled import BUNDLED_MODEL
 from cluster.rebalance import RebalanceOptions
+from experiment.hot_experts import HotExpertsOptions
 from router.config import EngineConfig, ExpertPlaneConfig
 from server.config import ServerConfig
 from training.train import TrainConfig
@@ -289,6 +290,12 @@ BENCHMARKS = {
                 ElasticBenchOptions, "bench.elastic"),
 }
 
+EXPERIMENTS = {
+    "hot-experts": ("autoscaling policies (static, Serve's default, raymoe's, raymoe's with re-placement) on skewed "
+                    "expert load at one replica budget, live or simulated at scale: result.json, PNGs, a table",
+                    HotExpertsOptions, "experiment.hot_experts"),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -307,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["routing"], help="what to inspect")
     add_flags(p, RoutingReportOptions)
     p.set_defaults(func=inspect)
+    e = sub.add_parser("experiment", help="experiments whose results go into papers and design reviews")
+    experiment_sub = e.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for name, (help, cls, module) in EXPERIMENTS.items():
+        p = experiment_sub.add_parser(name, help=help, description=help)
+        add_flags(p, cls)
+        p.set_defaults(func=bench(cls, module))
     b = sub.add_parser("bench", help="benchmarks, each side by side with its reference, reported as ratios")
     bench_sub = b.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (help, cls, module) in BENCHMARKS.items():

@@ -44,12 +44,19 @@ def pack(load: np.ndarray, count: np.ndarray, capacity: np.ndarray, slots: int, 
     held = [set() for _ in range(G)]
     out = []
     for w, e in items:
-        g = min((g for g in range(G) if free[g] and e not in held[g]),
-                key=lambda g: (total[g] + here[g] + w / capacity[g], g))
+        fits = [g for g in range(G) if free[g] and e not in held[g]]
+        if not fits:  # every shard with room holds e already: this copy has nowhere to go, e keeps the others
+            continue
+        g = min(fits, key=lambda g: (total[g] + here[g] + w / capacity[g], g))
         here[g] += w / capacity[g]
         free[g] -= 1
         held[g].add(e)
         out.append((g, e))
+    placed = np.bincount([e for _, e in out], minlength=E)
+    if (placed < count).any():  # copies dropped: the others split their expert's load fewer ways
+        here = np.zeros(G)
+        for g, e in out:
+            here[g] += load[e] / placed[e] / capacity[g]
     return out, here
 
 

@@ -3,7 +3,6 @@ the "ray" expert backend that `LLM(..., expert_backend="ray")` gets through the 
 
 import json
 import logging
-import threading
 import uuid
 import zlib
 
@@ -15,6 +14,7 @@ from checkpoint.args import parse_dtype
 from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient
 from cluster.placement import PlacementPlan
+from cluster.plane_ingress import ExpertPlane
 from cluster.ray_init import fit_cpus, remove_apps, start_or_join_ray, start_serve
 from experts.replica import ExpertShard
 from experts.wire import WIRE_NAMES
@@ -25,41 +25,6 @@ from router.grpc_dispatch import GrpcExperts
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(name="ExpertPlane", ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=2)
-class ExpertPlane:
-    """Ingress of the expert plane: binds every ExpertShard deployment so that one app deploys them all, and
-    rebalances the placement every `rebalance_interval_s` when that is set.
-
-    Routers do not call through it: they speak gRPC to the replicas they find in the directory.
-    """
-
-    def __init__(self, rebalance_interval_s: float | None, redundant_experts: int | None, *shards):
-        self.shards = shards  # DeploymentHandles, kept so the shards belong to this application
-        self._stop = threading.Event()
-        if rebalance_interval_s:
-            app = serve.get_replica_context().app_name
-            threading.Thread(target=self._rebalance_loop, args=(app, rebalance_interval_s, redundant_experts),
-                             name="rebalance", daemon=True).start()
-
-    def _rebalance_loop(self, app: str, every_s: float, redundant: int | None) -> None:
-        from cluster.rebalance import RebalanceOptions, rebalance
-
-        o = RebalanceOptions(redundant_experts=redundant, window_s=every_s, min_gain=PERIODIC_MIN_GAIN)
-        while not self._stop.wait(every_s):
-            try:
-                r = rebalance(app, o)
-                if r["switched"]:
-                    log.info("rebalanced to placement v%d: predicted imbalance %.2f -> %.2f", r["version"],
-                             r["imbalance_before"], r["imbalance_after"])
-            except (ValueError, TimeoutError) as e:  # no traffic, or a deployment under way: next round
-                log.info("no rebalance: %s", e)
-            except Exception:
-                log.exception("rebalance failed")
-
-    def __del__(self):
-        self._stop.set()
-
-
 def placement_plan(plane: ExpertPlaneConfig, n_layers: int, n_experts: int) -> PlacementPlan:
     if plane.placement is not None:
         plan = PlacementPlan.from_sets(plane.placement, plane.replicas_per_shard)
@@ -68,7 +33,6 @@ def placement_plan(plane: ExpertPlaneConfig, n_layers: int, n_experts: int) -> P
     return plan.validate(n_layers, n_experts)
 
 
-PERIODIC_MIN_GAIN = 0.1  # a periodic rebalance moves pairs only for a clear gain in predicted imbalance
 AUTOSCALING_POLICY = "cluster.autoscaling:ExpertPlanePolicy"
 METRICS_INTERVAL_S, LOOK_BACK_S = 0.5, 2.0  # replicas push load twice a second; policies see 2 s means
 
@@ -120,6 +84,16 @@ def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserve
         for i, (shard, pairs) in enumerate(zip(plan.shards, sets, strict=True))
     ]
     return ExpertPlane.bind(plane.rebalance_interval_s, plane.redundant_experts, *shards)
+
+
+def build_expert_plane_app(args: dict) -> serve.Application:
+    """The expert plane alone, from a raymoe app's args (`import_path: cluster.expert_plane:build_expert_plane_app`):
+    for routers outside Serve, such as the hot-experts experiment's driver or `LLM` processes joining a cluster."""
+    from checkpoint.bundled import resolve_model
+    from cluster.app import settings_from_args
+
+    engine, plane, _ = settings_from_args(args)
+    return build_expert_plane(str(resolve_model(engine.model)), engine.dtype, plane)
 
 
 def current_app_name() -> str | None:

@@ -89,22 +89,35 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
               "pairs_moved": moved, "seconds": 0.0, "shards": [[list(p) for p in s] for s in new]}
     if o.dry_run or moved == 0 or before - after < o.min_gain:
         return result
+    target, seconds = switch_placement(app, result["shards"], o.timeout_s)
+    result.update(version=target, switched=True, seconds=seconds)
+    log_decision(app, "rebalance", f"placement v{target}: {moved} pairs moved, predicted imbalance {before:.2f} -> "
+                                   f"{after:.2f}, replicas ready in {seconds:.1f}s")
+    return result
+
+
+def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0) -> tuple[int, float]:
+    """Make `shards` (pairs of each shard) the app's placement, live: propose, wait until every replica
+    holds its new pairs, commit. -> (the new version, seconds it took)."""
+    from cluster.directory import DirectoryClient
+
+    directory = DirectoryClient(app)
+    snapshot = directory.snapshot()
+    version, _, _, plan_id = current_placement(snapshot)
     target = version + 1
     active = snapshot["placement"]
     if active and active["version"] >= target:  # a stale record of an earlier deployment: go past it
         target = active["version"] + 1
     t0 = time.monotonic()
-    directory.propose({"version": target, "plan_id": plan_id, "shards": result["shards"], "time": time.time()})
+    directory.propose({"version": target, "plan_id": plan_id, "shards": [[list(p) for p in s] for s in shards],
+                       "time": time.time()})
     try:
-        wait_ready(directory, target, G, o.timeout_s)
+        wait_ready(directory, target, len(shards), timeout_s)
     except BaseException:
         directory.abort(target)
         raise
     directory.commit(target)
-    result.update(version=target, switched=True, seconds=time.monotonic() - t0)
-    log_decision(app, "rebalance", f"placement v{target}: {moved} pairs moved, predicted imbalance {before:.2f} -> "
-                                   f"{after:.2f}, replicas ready in {result['seconds']:.1f}s")
-    return result
+    return target, time.monotonic() - t0
 
 
 def wait_ready(directory, version: int, num_shards: int, timeout_s: float) -> None:

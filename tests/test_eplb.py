@@ -66,3 +66,14 @@ def test_without_redundant_copies_it_only_repacks():
     shards = balanced_placement(load, np.ones(4), 8)
     assert sorted(p for sh in shards for p in sh) == [(l, e) for l in range(4) for e in range(8)]
     assert all(len(sh) == 8 for sh in shards)
+
+
+def test_a_copy_with_nowhere_to_go_is_dropped_not_a_crash():
+    """Greedy packing can fill every shard that lacks an expert before that expert's last copy comes up."""
+    load = np.array([[.051, .118, .216, .114, .27, .098, .084, .049], [.198, .253, .046, .138, .074, .045, .084, .162],
+                     [.084, .074, .202, .045, .053, .253, .09, .198], [.114, .213, .066, .202, .085, .054, .084, .181],
+                     [.202, .098, .23, .049, .051, .227, .094, .049], [.094, .053, .055, .062, .13, .162, .253, .191]])
+    capacity = np.array([3.0, 4, 4, 1, 3, 4, 2, 3])
+    shards = balanced_placement(load, capacity, 16)
+    PlacementPlan.from_sets(shards).validate(6, 8)
+    assert imbalance(shard_loads(load, shards, capacity)) < 0.2

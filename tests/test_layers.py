@@ -19,7 +19,8 @@ ALLOWED = {
     "server": _CORE | {"router"},
     "cluster": _CORE | {"router", "server"},
     "bench": _CORE | {"router", "server", "cluster", "training"},
-    "cli": _CORE | {"router", "server", "cluster", "training", "bench"},
+    "experiment": _CORE | {"router", "server", "cluster", "training", "bench"},
+    "cli": _CORE | {"router", "server", "cluster", "training", "bench", "experiment"},
 }
 
 
