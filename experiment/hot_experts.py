@@ -108,8 +108,7 @@ def run(o: HotExpertsOptions) -> dict:
 
         cluster = SimCluster(gpus=o.gpus)
         rate = o.rate or default_rate(cluster, o.tokens_per_request)
-        shares = real_routing_shares(BUNDLED_MODEL) if "real" in o.workloads else None
-        real = None if shares is None else np.resize(shares, (cluster.n_layers, shares.shape[1]))
+        real = real_routing_shares(BUNDLED_MODEL) if "real" in o.workloads else None  # (4, 8): simulate maps layers
         config.update(rate=rate, cluster=asdict(cluster))
         for w, p in bar:
             bar.set_postfix_str(f"{w} / {p}")

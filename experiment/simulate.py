@@ -57,9 +57,7 @@ import numpy as np
 from cluster.autoscaling import ShardLoad, decide
 from cluster.eplb import balanced_placement, imbalance
 from cluster.placement import PlacementPlan
-from experiment.workloads import Workload, slot_shares
-
-POLICIES = ("static", "serve-default", "raymoe", "raymoe+replace")
+from experiment.workloads import POLICIES, Workload, slot_shares
 
 DT_S = 1.0  # one tick
 TARGET_BUSY = 0.6  # raymoe's default --target-busy

@@ -50,12 +50,6 @@ def check_result(out: dict, duration: float = DURATION) -> None:
     assert {d["kind"] for d in out["decisions"]} <= {"autoscale", "rebalance", "kill"}
 
 
-def test_the_policies_are_the_experiments():
-    import experiment.workloads
-
-    assert POLICIES == experiment.workloads.POLICIES
-
-
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_returns_plain_json_marked_simulated(policy):
     check_result(run(policy))
