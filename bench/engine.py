@@ -1,4 +1,5 @@
-"""`raymoe bench engine`: the engine's decode and prefill beside HF transformers on the same weights,
+"""`raymoe bench engine`: the engine's decode and prefill beside HF transformers on the same weights, each
+decode rate as a fraction of this machine's roof (weight bandwidth and FLOP rate, measured in the same run),
 and decode speed over a long generation (per-token cost must not grow with the output)."""
 
 import tempfile
@@ -31,6 +32,34 @@ class EngineBenchOptions:
 def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n**3 / best_of(lambda: a @ b, repeats)
+
+
+def gemv_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
+    """Bytes/s this machine streams float32 weights at in a vector-matrix product: the access pattern of a
+    decode step's weights (input-major, as the engine keeps its experts), far larger than the caches."""
+    n = 4096
+    w, x = torch.randn(n, mbytes * 2**20 // (4 * n)), torch.randn(1, n)
+    return w.numel() * 4 / best_of(lambda: x @ w, repeats)
+
+
+def weight_bytes_per_step(cfg, batch: int) -> float:
+    """float32 weight bytes one decode step of `batch` sequences reads: every dense matrix, the LM head, and
+    the experts its tokens touch. With routing spread over the experts, a layer touches
+    E * (1 - (1 - k / E) ** batch) of them in expectation (k = 2: 2 at batch 1, 7.2 of 8 at batch 8)."""
+    d, hd = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    attn = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    touched = E * (1 - (1 - k / E) ** batch)
+    per_layer = attn + d * E + touched * 3 * d * cfg.intermediate_size
+    return 4 * (cfg.num_hidden_layers * per_layer + d * cfg.vocab_size)
+
+
+def roof_tokens_per_s(cfg, batch: int, bandwidth: float, flop_rate: float) -> tuple[float, str]:
+    """The decode rate a step of `batch` cannot beat on this machine: it must read its weights at `bandwidth`
+    and do its matmuls at `flop_rate`; -> (tokens/s, which of the two binds)."""
+    read_s = weight_bytes_per_step(cfg, batch) / bandwidth
+    math_s = batch * flops_per_token(cfg) / flop_rate
+    return batch / max(read_s, math_s), ("memory" if read_s >= math_s else "compute")
 
 
 def flops_per_token(cfg) -> int:
@@ -92,15 +121,15 @@ def run(o: EngineBenchOptions) -> None:
 
         n = o.new_tokens
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        ours_tps = {}
+        ours_tps, ref_tps = {}, {}
         for b in o.batch_sizes:
             prompts = torch.randint(0, vocab, (b, o.prompt_len))
             ours_t, ref_t = best_of_pair(
                 lambda p=prompts: llm.generate([{"prompt_token_ids": x} for x in p.tolist()], params),
                 lambda p=prompts: hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0),
                 o.repeats)
-            ours_tps[b] = b * n / ours_t
-            row(f"decode b={b} (tok/s)", ours_tps[b], b * n / ref_t, "")
+            ours_tps[b], ref_tps[b] = b * n / ours_t, b * n / ref_t
+            row(f"decode b={b} (tok/s)", ours_tps[b], ref_tps[b], "")
 
         prompt = torch.randint(0, vocab, (1, o.prefill_len))
         one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
@@ -108,11 +137,15 @@ def run(o: EngineBenchOptions) -> None:
                                      lambda: hf(prompt, logits_to_keep=1), o.repeats)
         row(f"prefill {o.prefill_len} (tok/s)", o.prefill_len / ours_t, o.prefill_len / ref_t, "")
 
-        peak = matmul_peak_flops()
-        b = max(o.batch_sizes)
-        achieved = ours_tps[b] * flops_per_token(hf.config)
-        print(f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s (1024^3 mm); decode b={b} reaches "
-              f"{achieved / 1e9:.2f} GFLOP/s = {achieved / peak:.1%} of it")
+        peak, bandwidth = matmul_peak_flops(), gemv_bandwidth()
+        print(f"\nroofline: this machine multiplies at {peak / 1e9:.1f} GFLOP/s (float32 1024^3 matmul) and reads "
+              f"weights at {bandwidth / 1e9:.1f} GB/s (256 MB vector-matrix product), measured now")
+        for b in o.batch_sizes:
+            roof, bound = roof_tokens_per_s(hf.config, b, bandwidth, peak)
+            print(f"decode b={b:<3} roof {roof:>7.0f} tok/s ({bound}-bound: "
+                  f"{weight_bytes_per_step(hf.config, b) / 2**20:.0f} MiB read a step); raymoe "
+                  f"{ours_tps[b]:>6.0f} = {ours_tps[b] / roof:.0%}, transformers {ref_tps[b]:>6.0f} = "
+                  f"{ref_tps[b] / roof:.0%} of it")
         llm.shutdown()
     if o.long_tokens:
         long_generation(o.long_tokens)

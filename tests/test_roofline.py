@@ -1,0 +1,25 @@
+"""The engine benchmark's roof: bytes a decode step must read and FLOPs it must do, on the bench config."""
+
+import pytest
+from transformers import MixtralConfig
+
+from bench.engine import flops_per_token, roof_tokens_per_s, weight_bytes_per_step
+from bench.harness import BENCH_CONFIG
+
+
+def test_a_step_reads_the_dense_weights_and_the_experts_its_tokens_touch():
+    cfg = MixtralConfig(**BENCH_CONFIG)
+    d, E, I, L = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size, cfg.num_hidden_layers
+    expert = 4 * 3 * d * I
+    one, many = weight_bytes_per_step(cfg, 1), weight_bytes_per_step(cfg, 10_000)
+    assert many - one == L * (E - 2) * expert  # batch 1 touches its 2 experts a layer, a big batch all E
+    assert one > L * 2 * expert + 4 * d * cfg.vocab_size  # plus attention, gate and LM head
+    assert weight_bytes_per_step(cfg, 1) < weight_bytes_per_step(cfg, 8) < weight_bytes_per_step(cfg, 32)
+
+
+def test_the_roof_is_the_slower_of_reading_and_multiplying():
+    cfg = MixtralConfig(**BENCH_CONFIG)
+    rate, bound = roof_tokens_per_s(cfg, 32, 10.6e9, 130e9)
+    assert bound == "memory" and rate == pytest.approx(32 * 10.6e9 / weight_bytes_per_step(cfg, 32))
+    rate, bound = roof_tokens_per_s(cfg, 32, 10.6e9, 1e9)  # a machine that barely multiplies
+    assert bound == "compute" and rate == pytest.approx(1e9 / flops_per_token(cfg))
