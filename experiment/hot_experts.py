@@ -1,8 +1,8 @@
 """`raymoe experiment hot-experts`: autoscaling policies compared on hot-expert workloads, in one run.
 
-Every (workload, policy) pair runs on its own fresh expert plane at the same replica budget, live on this
-Ray cluster (local, or `--address`), or with `--simulate` against a cost model of Mixtral-8x7B on N GPUs
-running the same policy code. Output: `result.json`, PNGs and a table (see experiment/report.py).
+Every (workload, policy) pair runs on an expert plane reset to the same starting state and replica budget,
+live on this Ray cluster (local, or `--address`), or with `--simulate` against a cost model of Mixtral-8x7B
+on N GPUs running the same policy code. Output: `result.json`, PNGs and a table (see experiment/report.py).
 """
 
 import logging
@@ -100,7 +100,7 @@ def run(o: HotExpertsOptions) -> dict:
     o = resolve(o)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()}
     result = {"simulated": o.simulate, "config": config, "workloads": {}}
-    # Policies that share a plane run back to back (see experiment.live.group), so the live run deploys twice.
+    # Policies that share a plane run back to back (see experiment.live.group).
     runs = [(w, p) for p in sorted(o.policies, key=lambda p: p.startswith("raymoe")) for w in o.workloads]
     bar = tqdm(runs, desc="hot-experts", unit="run")
     if o.simulate:
@@ -128,7 +128,7 @@ def run_live(o: HotExpertsOptions, runs: list[tuple[str, str]], bar, config: dic
     from checkpoint.reader import Checkpoint
     from cluster.deploy import free_port
     from cluster.ray_init import start_or_join_ray, start_serve
-    from experiment.live import LiveRun, group, remove, run_policy
+    from experiment.live import LiveRun, deploy_planes, group, remove, run_policy
 
     a = Checkpoint(BUNDLED_MODEL).args
     shards = o.num_shards or a.n_experts
@@ -144,17 +144,12 @@ def run_live(o: HotExpertsOptions, runs: list[tuple[str, str]], bar, config: dic
     started_ray = start_or_join_ray(o.address, num_cpus=max(16, 2 * budget), log_to_driver=False)
     started_serve = start_serve({"host": "127.0.0.1", "port": free_port()})
     out: dict = {}
-    planes: dict[str, str] = {}  # group -> the plane its runs share
+    planes: dict[str, str] = {}
     try:
+        planes = deploy_planes(o.policies, r)
         for w, p in bar:
             bar.set_postfix_str(f"{w} / {p}")
-            g = group(p)
-            fresh = g not in planes
-            if fresh:
-                for old in planes.values():
-                    remove(old)
-                planes = {g: f"hot-experts-{g}"}
-            out.setdefault(w, {})[p] = run_policy(workload(w, o.duration_s), p, r, planes[g], fresh)
+            out.setdefault(w, {})[p] = run_policy(workload(w, o.duration_s), p, r, planes[group(p)])
     finally:
         for name in planes.values():
             remove(name)

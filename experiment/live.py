@@ -1,10 +1,11 @@
-"""One live run of the hot-experts experiment: a policy's expert plane deployed on Ray Serve, driven open-loop.
+"""One live run of the hot-experts experiment: a policy's expert plane on Ray Serve, driven open-loop.
 
-Each (workload, policy) gets a fresh plane (the expert plane alone, from `raymoe config`'s settings, through
-the declarative path KubeRay uses) at the same replica budget, and a driver-side router that sends it
-tokens over the real gRPC data plane: synthetic hidden states and gate choices for the synthetic
-workloads, the bundled model itself (attention, gate, sampling) for `real`. Requests arrive by Poisson;
-those that find the batch full wait, and their wait counts in their first token's latency.
+Each (workload, policy) runs on an expert plane (the plane alone, from `raymoe config`'s settings, through
+the declarative path KubeRay uses) reset to its starting state at the same replica budget, and a
+driver-side router that sends it tokens over the real gRPC data plane: synthetic hidden states and gate
+choices for the synthetic workloads, the bundled model itself (attention, gate, sampling) for `real`.
+Requests arrive by Poisson; those that find the batch full wait, and their wait counts in their first
+token's latency.
 
 Every second the run samples the directory (serving replicas per shard) and the router's own counts
 (rows sent per replica), giving replicas and load per shard and per-replica imbalance over time.
@@ -59,6 +60,7 @@ class LiveRun:
     seed: int = 0
     prompts: list[list[int]] = field(default_factory=list)  # token ids, for `real`
     rates: dict[str, float] = field(default_factory=dict)  # the rate used per kind of workload
+    applied: dict[str, str] = field(default_factory=dict)  # plane -> the policy its config is now ("pinned")
 
 
 def group(policy: str) -> str:
@@ -106,7 +108,9 @@ def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, tim
     from cluster.placement import PlacementPlan
     from cluster.rebalance import current_placement, switch_placement
 
-    apply([plane_app(policy, r, name, pinned=True)])
+    if r.applied.get(name) not in ("pinned", "static"):  # static's bounds are the pinned ones
+        apply([plane_app(policy, r, name, pinned=True)])
+        r.applied[name] = "pinned"
     each = r.budget // r.num_shards
     directory = DirectoryClient(name)
     deadline = time.monotonic() + timeout_s
@@ -122,8 +126,10 @@ def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, tim
     version, shards, _, _ = current_placement(snap)
     if version and [sorted(map(tuple, s)) for s in shards] != [sorted(s) for s in base]:
         switch_placement(name, base)
-    apply([plane_app(policy, r, name)])
-    time.sleep(1.5)  # the routers' view refresh: the next run starts from what the directory says
+    if policy != "static":
+        apply([plane_app(policy, r, name)])
+    r.applied[name] = policy
+    time.sleep(1.2)  # the routers' view refresh (1 s): the next run starts from what the directory says
 
 
 class Recorder:
@@ -195,15 +201,22 @@ def kill_hottest(app: str, series: dict) -> dict:
     return {"shard": hot, "replica_id": entry["replica_id"]}
 
 
-def run_policy(w: Workload, policy: str, r: LiveRun, name: str, fresh: bool) -> dict:
-    """Drive `w` through `policy`'s plane `name` for r.duration_s; -> the policy's result entry. fresh: the plane
-    was just deployed (else it is reset from the run before)."""
+def deploy_planes(policies: list[str], r: LiveRun) -> dict[str, str]:
+    """One plane per group of policies, deployed at once (their processes start together), held at the starting
+    counts until a run resets one to its policy; -> group -> plane name."""
+    names = {group(p): f"hot-experts-{group(p)}" for p in policies}
+    first = {g: next(p for p in policies if group(p) == g) for g in names}
+    apply([plane_app(first[g], r, name, pinned=True) for g, name in names.items()])
+    r.applied.update(dict.fromkeys(names.values(), "pinned"))
+    return names
+
+
+def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
+    """Reset plane `name` to `policy` at its starting state, drive `w` through it for r.duration_s; -> the
+    policy's result entry."""
     ckpt = Checkpoint(r.model)
     a = ckpt.args
-    if fresh:
-        apply([plane_app(policy, r, name)])
-    else:
-        reset(name, policy, r, a.n_layers, a.n_experts)
+    reset(name, policy, r, a.n_layers, a.n_experts)
     backend = connect_experts(ckpt, torch.float32, name)
     rng = np.random.default_rng(r.seed)
     try:
@@ -273,7 +286,7 @@ def warm(backend, a, r: LiveRun) -> None:
             backend.forward(layer, x, ids, w, keys)
 
 
-def capacity(backend, a, r: LiveRun, seconds: float = 3.0) -> float:
+def capacity(backend, a, r: LiveRun, seconds: float = 2.0) -> float:
     """Requests/s this plane completes with the batch always full of zipf-1.2 tokens (closed loop)."""
     from experiment.workloads import workload
 
