@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import percentile
+from bench.harness import percentile, two_distinct
 from checkpoint.bundled import BUNDLED_MODEL
 
 
@@ -40,13 +40,7 @@ class ElasticBenchOptions:
 def zipf_choices(rng: np.random.Generator, n: int, n_experts: int, s: float, order: np.ndarray) -> np.ndarray:
     """(n, 2) distinct experts per token, expert order[r] having popularity 1 / (r + 1)^s."""
     p = 1.0 / np.arange(1, n_experts + 1) ** s
-    p = p[np.argsort(order)] / p.sum()  # popularity by expert id
-    first = rng.choice(n_experts, size=n, p=p)
-    q = np.tile(p, (n, 1))
-    q[np.arange(n), first] = 0
-    q /= q.sum(1, keepdims=True)
-    second = (q.cumsum(1) > rng.random((n, 1))).argmax(1)
-    return np.stack([first, second], 1)
+    return two_distinct(rng, p[np.argsort(order)] / p.sum(), n)  # popularity by expert id
 
 
 def run(o: ElasticBenchOptions) -> None:

@@ -24,6 +24,17 @@ def bench_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def two_distinct(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarray:
+    """(n, 2) distinct experts per token: the first drawn by popularity p (E,), the second among the rest, as a
+    top-2 gate picks them."""
+    first = rng.choice(len(p), size=n, p=p)
+    q = np.tile(p, (n, 1))
+    q[np.arange(n), first] = 0
+    q /= q.sum(1, keepdims=True)
+    second = (q.cumsum(1) > rng.random((n, 1))).argmax(1)
+    return np.stack([first, second], 1)
+
+
 def percentile(xs: list[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation, numpy's default; NaN for no samples."""
     return float(np.percentile(xs, q)) if len(xs) else float("nan")

@@ -254,7 +254,8 @@ def inspect(args: argparse.Namespace) -> int:
     return run(build(RoutingReportOptions, args))
 
 
-def bench(options_cls, module: str) -> Callable[[argparse.Namespace], int]:
+def run_module(options_cls, module: str) -> Callable[[argparse.Namespace], int]:
+    """The command that calls `module.run` with the options built from the parsed flags."""
     def call(args: argparse.Namespace) -> int:
         import importlib
 
@@ -314,19 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["routing"], help="what to inspect")
     add_flags(p, RoutingReportOptions)
     p.set_defaults(func=inspect)
-    e = sub.add_parser("experiment", help="experiments whose results go into papers and design reviews")
-    experiment_sub = e.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    for name, (help, cls, module) in EXPERIMENTS.items():
-        p = experiment_sub.add_parser(name, help=help, description=help)
-        add_flags(p, cls)
-        p.set_defaults(func=bench(cls, module))
-    b = sub.add_parser("bench", help="benchmarks, each side by side with its reference, reported as ratios")
-    bench_sub = b.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (help, cls, module) in BENCHMARKS.items():
-        p = bench_sub.add_parser(name, help=help, description=help)
-        add_flags(p, cls)
-        p.set_defaults(func=bench(cls, module))
+    runners(sub, "experiment", "experiments whose results go into papers and design reviews", EXPERIMENTS)
+    runners(sub, "bench", "benchmarks, each side by side with its reference, reported as ratios", BENCHMARKS)
     return parser
+
+
+def runners(sub, name: str, help: str, table: dict[str, tuple[str, type, str]]) -> None:
+    """`raymoe <name> <entry>`: one subcommand per table entry, its flags from the entry's options dataclass."""
+    group = sub.add_parser(name, help=help).add_subparsers(dest=name, required=True, metavar=name.upper())
+    for entry, (entry_help, cls, module) in table.items():
+        p = group.add_parser(entry, help=entry_help, description=entry_help)
+        add_flags(p, cls)
+        p.set_defaults(func=run_module(cls, module))
 
 
 def parse_settings(argv: list[str]) -> tuple[EngineConfig, ExpertPlaneConfig, ServerConfig]:

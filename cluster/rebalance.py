@@ -21,6 +21,7 @@ import numpy as np
 
 from cluster.eplb import balanced_placement, imbalance, shard_loads
 from cluster.placement import PlacementPlan
+from router.grpc_dispatch import placement_in_force
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,8 @@ def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]],
         raise ValueError("the expert plane's replicas come from different deployments (an update is under way): "
                          "try again when it has finished")
     num_shards = entries[0]["num_shards"]
-    record = snapshot["placement"]
-    if record and record["plan_id"] in plan_ids and any(record["version"] in e.get("ready", ()) for e in entries):
-        version, shards = record["version"], [[tuple(p) for p in ps] for ps in record["shards"]]
-    else:
-        version, shards = 0, [[] for _ in range(num_shards)]
-        for e in entries:
-            shards[e["shard"]] = [tuple(p) for p in e["pairs"]]
+    version, pairs = placement_in_force({"placement": snapshot["placement"], "replicas": entries})
+    shards = [[tuple(p) for p in pairs.get(s, [])] for s in range(num_shards)]
     replicas = {s: sum(e["shard"] == s for e in entries) for s in range(num_shards)}
     return version, shards, replicas, plan_ids.pop()
 

@@ -33,7 +33,7 @@ from cluster.expert_plane import connect_experts
 from cluster.serve_config import serve_config
 from experiment.workloads import POLICIES, Workload, arrivals
 from router.config import EngineConfig, ExpertPlaneConfig
-from router.dispatch import RETRY_MAX_S, RETRY_MIN_S, ExpertsUnavailable
+from router.dispatch import Backoff, ExpertsUnavailable
 from server.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ def model_capacity(ckpt: Checkpoint, backend, r: LiveRun, seconds: float = 3.0) 
 def with_retries(fn, rec: Recorder, ids: list[int]):
     """Run a step, again after a backoff while the experts are unavailable; None once it gave up (its requests
     failed)."""
-    backoff, deadline = RETRY_MIN_S, time.monotonic() + GIVE_UP_S
+    backoff, deadline = Backoff(), time.monotonic() + GIVE_UP_S
     while True:
         try:
             return fn()
@@ -332,8 +332,7 @@ def with_retries(fn, rec: Recorder, ids: list[int]):
                 log.warning("giving up on %d requests: %s", len(ids), e)
                 rec.failed += len(ids)
                 return None
-            time.sleep(backoff)
-            backoff = min(2 * backoff, RETRY_MAX_S)
+            time.sleep(backoff.failed())
 
 
 def synthetic_step(backend, w: Workload, rng: np.random.Generator, a, now: float, x: torch.Tensor,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.harness import two_distinct
+
 WORKLOADS = ("real", "zipf-0", "zipf-0.8", "zipf-1.2", "drift", "burst")
 POLICIES = ("static", "serve-default", "raymoe", "raymoe+replace")  # compared on each; see experiment/live.py
 
@@ -48,13 +50,7 @@ class Workload:
     def choices(self, rng: np.random.Generator, n: int, layer: int, t: float, n_layers: int, n_experts: int
                 ) -> np.ndarray:
         """(n, 2) distinct experts per token of `layer`: the first by popularity, the second among the rest."""
-        p = self.popularity(t, n_layers, n_experts)[layer]
-        first = rng.choice(n_experts, size=n, p=p)
-        q = np.tile(p, (n, 1))
-        q[np.arange(n), first] = 0
-        q /= q.sum(1, keepdims=True)
-        second = (q.cumsum(1) > rng.random((n, 1))).argmax(1)
-        return np.stack([first, second], 1)
+        return two_distinct(rng, self.popularity(t, n_layers, n_experts)[layer], n)
 
 
 def slot_shares(p: np.ndarray) -> np.ndarray:

@@ -21,6 +21,22 @@ class ExpertsUnavailable(RuntimeError):
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # backoff, doubling, of a step whose experts are unavailable
 
 
+class Backoff:
+    """How long to wait before running again a step whose experts were unavailable: RETRY_MIN_S, doubling up
+    to RETRY_MAX_S while steps keep failing, back to RETRY_MIN_S once one runs."""
+
+    def __init__(self):
+        self.seconds = RETRY_MIN_S
+
+    def failed(self) -> float:
+        """The wait now; the next one is twice as long."""
+        wait, self.seconds = self.seconds, min(2 * self.seconds, RETRY_MAX_S)
+        return wait
+
+    def succeeded(self) -> None:
+        self.seconds = RETRY_MIN_S
+
+
 class ExpertBackend(ABC):
     @abstractmethod
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,

@@ -93,6 +93,16 @@ class Routing:
         return int(self.holders.max()) + 1
 
 
+def placement_in_force(view: dict) -> tuple[int, dict[int, list]]:
+    """(version, shard -> its pairs) of the placement routers follow, from a ReplicaSource view: the active
+    record once some replica is ready for it, else the deployed plan (version 0), whose pairs the entries
+    ready for it list. A record left from another deployed plan never counts: no replica is ready for it."""
+    record, entries = view["placement"], view["replicas"]
+    if record and any(record["version"] in e.get("ready", (0,)) for e in entries):
+        return record["version"], dict(enumerate(record["shards"]))
+    return 0, {e["shard"]: e["pairs"] for e in entries if 0 in e.get("ready", (0,))}
+
+
 def holder_table(entries: list[dict], n_layers: int, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
     """The shards holding each (layer, expert), checked to cover the model: (L, E, H) shard ids padded
     with -1, and (L, E) how many. A hot pair may be held by several shards (redundant copies)."""
@@ -215,23 +225,19 @@ class GrpcExperts(ExpertBackend):
     # --- the view of live replicas --------------------------------------------------------------
 
     def _routing(self, view: dict, old: Routing | None) -> Routing:
-        """The active placement if some replica is ready for it, else the deployed plan (version 0), whose
-        pairs the entries list; a holder table that would not cover the model keeps the old one."""
-        record = view["placement"]
-        entries = view["replicas"]
-        version = 0
-        if record and any(record["version"] in e.get("ready", (0,)) for e in entries):
-            version = record["version"]
-        ready = [e for e in entries if version in e.get("ready", (0,))]
+        """The placement in force and the replicas ready for it; a holder table that would not cover the model
+        (a shard with no replica left) keeps the old one."""
+        version, pairs = placement_in_force(view)
+        ready = [e for e in view["replicas"] if version in e.get("ready", (0,))]
         replicas: dict[int, list[Replica]] = {}
         for e in sorted(ready, key=lambda e: e["replica_id"]):
             replicas.setdefault(e["shard"], []).append(
                 Replica(e["replica_id"], e["address"], zlib.crc32(e["replica_id"].encode())))
         if old is not None and old.version == version and version:
             return Routing(version, old.holders, old.n_holders, replicas)
-        shards = [{"shard": i, "pairs": ps} for i, ps in enumerate(record["shards"])] if version else ready
         try:
-            holders, n_holders = holder_table(shards, self.n_layers, self.n_experts)
+            holders, n_holders = holder_table([{"shard": s, "pairs": ps} for s, ps in pairs.items()],
+                                              self.n_layers, self.n_experts)
         except ExpertDispatchError:
             if old is None:
                 raise

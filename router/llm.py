@@ -11,7 +11,7 @@ from checkpoint.args import parse_dtype
 from checkpoint.bundled import resolve_model
 from checkpoint.reader import Checkpoint
 from router.config import EngineConfig, ExpertPlaneConfig, split_settings
-from router.dispatch import RETRY_MAX_S, RETRY_MIN_S, ExpertsUnavailable, make_expert_backend
+from router.dispatch import Backoff, ExpertsUnavailable, make_expert_backend
 from router.engine import Engine, Sequence
 from router.model import RouterModel
 from router.outputs import CompletionOutput, RequestOutput
@@ -72,15 +72,15 @@ class LLM:
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
         bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
-        backoff = RETRY_MIN_S
+        backoff = Backoff()
         while self.engine.has_unfinished():
             try:
                 bar.update(sum(s.finished for s in self.engine.step()))
-                backoff = RETRY_MIN_S
+                backoff.succeeded()
             except ExpertsUnavailable as e:  # nothing of the step was kept: run it again a little later
-                log.warning("experts unavailable, retrying in %.1fs: %s", backoff, e)
-                time.sleep(backoff)
-                backoff = min(2 * backoff, RETRY_MAX_S)
+                wait = backoff.failed()
+                log.warning("experts unavailable, retrying in %.1fs: %s", wait, e)
+                time.sleep(wait)
         bar.close()
 
     def generate(self, prompts: PromptType | list[PromptType], sampling_params: SamplingParams | None = None,

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from router.dispatch import RETRY_MAX_S, RETRY_MIN_S, ExpertsUnavailable
+from router.dispatch import Backoff, ExpertsUnavailable
 from router.engine import Engine, Sequence
 from router.sampling import SamplingParams
 
@@ -60,7 +60,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
         self.degraded: str | None = None  # why the last step could not run, until one runs again
-        self._backoff = RETRY_MIN_S
+        self._backoff = Backoff()
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
 
@@ -138,15 +138,15 @@ class AsyncEngine:
             t = time.perf_counter()
             try:
                 updated = self.engine.step()
-                self.degraded, self._backoff = None, RETRY_MIN_S
+                self.degraded = None
+                self._backoff.succeeded()
             except ExpertsUnavailable as e:
                 # Nothing is lost: the step runs again after a backoff, during which the inbox (new requests,
                 # aborts) is still served, rather than blocking on the missing experts.
                 if self.degraded is None:
                     log.warning("experts unavailable, retrying with backoff: %s", e)
                 self.degraded = str(e)
-                self._wait(self._backoff)
-                self._backoff = min(2 * self._backoff, RETRY_MAX_S)
+                self._wait(self._backoff.failed())
                 continue
             except Exception as e:  # a failed step fails its sequences, never the thread
                 log.exception("engine step failed")
