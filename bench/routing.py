@@ -39,6 +39,9 @@ class RecordingExperts(ExpertBackend):
         self.calls = [[] for _ in self.calls]
         return ids, weights
 
+    def note_waiting(self, n: int) -> None:
+        self.inner.note_waiting(n)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -13,10 +13,12 @@ It also holds each app's placement (which shard holds which (layer, expert) pair
 changed it from the deployed plan): the active one routers follow, and a target that replicas load
 before the rebalancer makes it active. Placements live in Ray's GCS key-value store too, so a restarted
 directory, and a replica started later, find the placement in force. Routers report the tokens they
-route per (layer, expert); the rebalancer reads their sum over a recent window.
+route per (layer, expert), which the rebalancer sums over a recent window, and which shard each layer
+waited for last, which the autoscaling policy reads.
 """
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -24,6 +26,8 @@ from collections import deque
 import msgpack
 import numpy as np
 import ray
+
+from cluster.autoscaling import ROUTER_LOAD_KEY
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ PROBE_TIMEOUT_S = 2.0
 CALL_TIMEOUT_S = 10.0
 PLACEMENT_KEY = "raymoe/placement/{app}"  # GCS key-value store: msgpack {"active": record, "target": record}
 TOKEN_HISTORY_S = 600.0  # routers' token reports kept this long
+CRITICAL_WINDOW_S = 5.0  # the autoscaler sees the routers' critical path over this window
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -46,6 +51,7 @@ class ReplicaDirectory:
         # app -> {"active": record | None, "target": record | None}; a record is {"version", "plan_id", "shards"}
         self.placements: dict[str, dict] = {}
         self.tokens: dict[str, deque] = {}  # app -> (time, (L, E) tokens) reports of routers
+        self.critical: dict[str, deque] = {}  # app -> (time, per-shard critical seconds, waiting) reports
 
     def _changed(self) -> None:
         self.version += 1
@@ -91,12 +97,27 @@ class ReplicaDirectory:
 
     # --- routers' token counts ----------------------------------------------------------------------
 
-    async def report_tokens(self, app: str, counts: list) -> None:
-        history = self.tokens.setdefault(app, deque())
+    async def report_load(self, app: str, tokens: list, critical_s: list, waiting: int) -> None:
+        """A router's report (see ReplicaSource.report_load). The shards' critical-path seconds and the waiting
+        requests over the last CRITICAL_WINDOW_S go to the GCS key-value store, where the autoscaling policy,
+        running in Serve's controller, reads them."""
         now = time.monotonic()
-        history.append((now, np.asarray(counts, dtype=np.int64)))
+        history = self.tokens.setdefault(app, deque())
+        if np.any(tokens):
+            history.append((now, np.asarray(tokens, dtype=np.int64)))
         while history and history[0][0] < now - TOKEN_HISTORY_S:
             history.popleft()
+        recent = self.critical.setdefault(app, deque())
+        recent.append((now, list(critical_s), int(waiting)))
+        while recent and recent[0][0] < now - CRITICAL_WINDOW_S:
+            recent.popleft()
+        per_shard = [0.0] * max(len(c) for _, c, _ in recent)
+        for _, c, _ in recent:
+            for shard, seconds in enumerate(c):
+                per_shard[shard] += seconds
+        _kv_put(ROUTER_LOAD_KEY.format(app=app), json.dumps({
+            "time": time.time(), "window_s": CRITICAL_WINDOW_S, "critical_s": per_shard,
+            "waiting": max(w for _, _, w in recent)}).encode())
 
     async def token_counts(self, app: str, window_s: float) -> list | None:
         """(L, E) tokens the app's routers routed to each (layer, expert) over the last window_s, or None."""
@@ -166,6 +187,8 @@ class ReplicaDirectory:
 
     async def remove_app(self, app: str) -> None:
         self.tokens.pop(app, None)
+        self.critical.pop(app, None)
+        _kv_del(ROUTER_LOAD_KEY.format(app=app))
         self.placements.pop(app, None)
         _kv_del(PLACEMENT_KEY.format(app=app))
         if self.apps.pop(app, None) is not None:
@@ -273,8 +296,8 @@ class DirectoryClient:
     def report_failure(self, address: str) -> None:
         self._call("report_failure", self.app, address, wait=False)  # fire and forget: the caller has moved on
 
-    def report_tokens(self, counts: list) -> None:
-        self._call("report_tokens", self.app, counts, wait=False)
+    def report_load(self, tokens: list, critical_s: list, waiting: int) -> None:
+        self._call("report_load", self.app, tokens, critical_s, waiting, wait=False)
 
     # --- rebalancer ---------------------------------------------------------------------------------
 

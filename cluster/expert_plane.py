@@ -140,6 +140,9 @@ class RayExperts(ExpertBackend):
                 keys: np.ndarray | None = None) -> torch.Tensor:
         return self.backend.forward(layer, x, expert_ids, weights, keys)
 
+    def note_waiting(self, n: int) -> None:
+        self.backend.note_waiting(n)
+
     def close(self) -> None:
         self.backend.close()
         remove_apps([self.app_name], self.started_serve, self.started_ray)

@@ -4,7 +4,7 @@ import time
 
 import grpc
 
-from cluster.autoscaling import decisions
+from cluster.autoscaling import critical_shares, decisions, router_load
 from cluster.directory import DirectoryClient
 from cluster.rebalance import current_placement, describe_pairs
 from experts.replica import SERVICE
@@ -24,13 +24,15 @@ def replica_info(address: str) -> expert_pb2.InfoResponse | None:
 
 
 def plane_status(app: str) -> dict:
-    """{"app", "version", "placement_version", "shards": [{"shard", "pairs", "replicas": [{"replica_id",
-    "address", "node_id", "state", "busy", "tokens": {"<layer>.<expert>": n}}]}], "decisions": [{"time", "kind",
-    "detail"}]}.
+    """{"app", "version", "placement_version", "requests_waiting", "shards": [{"shard", "pairs", "critical",
+    "replicas": [{"replica_id", "address", "node_id", "state", "busy", "tokens": {"<layer>.<expert>": n}}]}],
+    "decisions": [{"time", "kind", "detail"}]}.
 
     States: starting (Serve started it, it has not registered yet), serving, suspect (a router could not
     reach it; being re-checked), draining (leaving: finishing its calls). A shard's pairs are those of the
-    placement in force (placement_version 0: the deployed plan; higher: a rebalance's).
+    placement in force (placement_version 0: the deployed plan; higher: a rebalance's). A shard's critical is
+    its share of the routers' layer waits over the last few seconds (None while routers are not under load),
+    requests_waiting the most requests a router had waiting for a batch slot then (None without reports).
     """
 
     from ray.serve.context import _get_global_client
@@ -67,7 +69,12 @@ def plane_status(app: str) -> dict:
                 shard["replicas"].append({"replica_id": r["replica_id"], "address": None,
                                           "node_id": r.get("node_id"), "state": "starting", "busy": None,
                                           "tokens": {}})
+    router = router_load(app)
+    shares = critical_shares(router["critical_s"], router["window_s"]) if router else None
+    for s, shard in shards.items():
+        shard["critical"] = shares[s] if shares and s < len(shares) else None
     return {"app": app, "version": snap["version"], "placement_version": placement_version,
+            "requests_waiting": router["waiting"] if router else None,
             "shards": [shards[s] for s in sorted(shards)],
             "decisions": decisions(app)}
 
@@ -75,9 +82,12 @@ def plane_status(app: str) -> dict:
 def format_status(s: dict) -> str:
     lines = [f"expert plane {s['app']!r}, directory version {s['version']}, placement version "
              f"{s['placement_version']}"]
+    if s["requests_waiting"] is not None:
+        lines.append(f"requests waiting for a batch slot: {s['requests_waiting']}")
     for shard in s["shards"]:
+        critical = "" if shard["critical"] is None else f", last in {shard['critical']:.0%} of layer waits"
         lines.append(f"shard {shard['shard']}: {len(shard['replicas'])} replicas, {len(shard['pairs'])} pairs "
-                     f"({describe_pairs(shard['pairs'])})")
+                     f"({describe_pairs(shard['pairs'])}){critical}")
         for r in shard["replicas"]:
             busy = "-" if r["busy"] is None else f"{r['busy']:.0%}"
             top = sorted(r["tokens"].items(), key=lambda kv: -kv[1])[:4]

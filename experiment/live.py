@@ -25,7 +25,7 @@ from ray import serve
 
 from bench.harness import percentile
 from checkpoint.reader import Checkpoint
-from cluster.autoscaling import decisions
+from cluster.autoscaling import critical_shares, decisions, router_load
 from cluster.deploy import apply
 from cluster.directory import DirectoryClient
 from cluster.eplb import imbalance
@@ -103,8 +103,9 @@ def plane_app(policy: str, r: LiveRun, name: str, pinned: bool = False) -> dict:
 
 
 def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, timeout_s: float = 120.0) -> None:
-    """Bring a plane used by an earlier run back to the start: every shard at its starting count (pinned, then
-    the policy's bounds), the deployed placement, no replica draining."""
+    """Bring a plane used by an earlier run back to the start: every shard pinned at its starting count, the
+    deployed placement, no replica draining. The policy's own bounds go on once traffic flows (start_policy):
+    an autoscaler let loose on an idle plane would shrink it before the run begins."""
     from cluster.placement import PlacementPlan
     from cluster.rebalance import current_placement, switch_placement
 
@@ -126,10 +127,14 @@ def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, tim
     version, shards, _, _ = current_placement(snap)
     if version and [sorted(map(tuple, s)) for s in shards] != [sorted(s) for s in base]:
         switch_placement(name, base)
+        time.sleep(1.2)  # the routers' view refresh (1 s): the next run starts from what the directory says
+
+
+def start_policy(name: str, policy: str, r: LiveRun) -> None:
+    """Lift the pinned bounds to the policy's (a lightweight update: no replica restarts)."""
     if policy != "static":
         apply([plane_app(policy, r, name)])
-    r.applied[name] = policy
-    time.sleep(1.2)  # the routers' view refresh (1 s): the next run starts from what the directory says
+        r.applied[name] = policy
 
 
 class Recorder:
@@ -145,7 +150,8 @@ class Recorder:
         self.finished: dict[int, float] = {}
         self.failed = 0
         self.series: dict = {"t": [], "replicas": {str(s): [] for s in range(n_shards)},
-                             "load": {str(s): [] for s in range(n_shards)}, "imbalance": [], "p99_ms": []}
+                             "load": {str(s): [] for s in range(n_shards)},
+                             "critical": {str(s): [] for s in range(n_shards)}, "imbalance": [], "p99_ms": []}
 
     def token(self, rid: int, now: float) -> None:
         if rid in self.last:
@@ -157,7 +163,8 @@ class Recorder:
 
 
 class Sampler(threading.Thread):
-    """Once a second: serving replicas per shard (directory), rows per replica and shard (router counts)."""
+    """Once a second: serving replicas per shard (directory), rows per replica and shard (router counts), each
+    shard's share of the routers' layer waits (what the autoscaling policy reads)."""
 
     def __init__(self, rec: Recorder, directory: DirectoryClient, rows_sent: dict[str, int]):
         super().__init__(name="sampler", daemon=True)
@@ -185,6 +192,10 @@ class Sampler(threading.Thread):
             for shard in range(self.rec.n_shards):
                 s["replicas"][str(shard)].append(sum(e["shard"] == shard for e in entries))
                 s["load"][str(shard)].append(sum(n for rid, n in per_replica.items() if self.shard_of[rid] == shard))
+            router = router_load(self.directory.app)
+            shares = critical_shares(router["critical_s"], router["window_s"]) if router else None
+            for shard in range(self.rec.n_shards):
+                s["critical"][str(shard)].append(shares[shard] if shares and shard < len(shares) else None)
             s["imbalance"].append(imbalance(list(per_replica.values())) if per_replica else 0.0)
             recent = [lat for t, lat in self.rec.itl[-5000:] if t >= time.monotonic() - 1.0]
             s["p99_ms"].append(1e3 * percentile(recent, 99) if recent else None)
@@ -228,6 +239,7 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
             log.info("%s workloads: %.1f requests/s (%.0f%% of the %.1f this plane decodes with full batches)", kind,
                      r.rates[kind], 100 * r.rates[kind] / full, full)
         times = arrivals(rng, w, r.rates[kind], r.duration_s)
+        start_policy(name, policy, r)
         t0 = time.monotonic()
         rec = Recorder(r.num_shards, t0)
         sampler = Sampler(rec, DirectoryClient(name), backend.rows_sent)
@@ -358,6 +370,7 @@ def drive_synthetic(w: Workload, backend, a, times: np.ndarray, rec: Recorder, r
             nxt += 1
         while waiting and len(active) < r.max_batch:
             active[waiting.popleft()] = r.tokens_per_request
+        backend.note_waiting(len(waiting))  # as the engine does: the autoscaler's sign that capacity is short
         if not active:
             if nxt >= len(times):
                 return

@@ -34,9 +34,11 @@ upscale_delay_s / downscale_delay_s). What is modelled:
   `serve-default` is Serve's request-based rule, desired = ceil(ongoing requests / 2) within [1, B // 8], with
   upscale/downscale delays 30 s / 600 s; ongoing HTTP requests are always 0 (routers call replicas over gRPC), so
   it only ever scales down, at 600 s. `raymoe` calls `decide` every tick with each shard's busy over the last
-  2 s (queued when requests wait and the shard is past target), target 0.6, bounds [1, B - 7], budget B, and
-  delays 1 s / 10 s. `raymoe+replace` also re-places every `replace_every_s` on the tokens routed since the last
-  time (capacity: serving replicas), switching `switch_s` later if the plan differs.
+  2 s (queued when requests wait and the shard is past target), its critical share over the last 5 s (the time
+  it was each layer's slowest shard, as routers report it), whether requests waited in those 5 s, target 0.6,
+  bounds [1, B - 7], budget B, and delays 1 s / 10 s. `raymoe+replace` also re-places every `replace_every_s`
+  on the tokens routed since the last time (capacity: serving replicas), switching `switch_s` later if the
+  plan differs.
 - A kill takes one serving replica of the shard with the most load per replica; Serve starts a replacement at
   once, which serves replica_start_s later. Routers retry on the shard's other replicas, so nothing fails; with
   none left, the tokens wait.
@@ -54,7 +56,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.autoscaling import ShardLoad, decide
+from cluster.autoscaling import ShardLoad, critical_shares, decide
+from cluster.directory import CRITICAL_WINDOW_S
 from cluster.eplb import balanced_placement, imbalance
 from cluster.placement import PlacementPlan
 from experiment.workloads import POLICIES, Workload, slot_shares
@@ -122,6 +125,14 @@ class _StepCost:
 
     def tau_ms(self, n: float) -> float:
         return self._tau_and_slope(n)[0]
+
+    def critical_ms(self, n: float) -> np.ndarray:
+        """(G,) per step, the time each shard's replicas hold up a layer as its slowest: what routers report."""
+        per_layer = self.overhead + self.math_ms(n).sum(2)  # (G, L)
+        worst = per_layer.max(0)  # (L,)
+        # Shards tied for slowest share the layer's wait: in a real run, noise picks each of them as often.
+        last = np.isclose(per_layer, worst, rtol=1e-9, atol=0.0) & (worst > 0)  # (G, L)
+        return (last * worst / np.maximum(last.sum(0), 1)).sum(1)
 
     def _tau_and_slope(self, n: float) -> tuple[float, float]:
         """tau(n) and its slope in n (ms per sequence): the compute-bound terms on each layer's slowest shard."""
@@ -258,11 +269,12 @@ def simulate(w: Workload, policy: str, cluster: SimCluster, *, duration_s: float
     {"simulated": True, "tokens_per_s", "p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "failed",
     "replica_seconds", "avg_replicas", "imbalance_p50", "decisions": [{"time", "kind", "seconds_to_serving"}],
     "kill": {"at", "failed", "throughput_lost"} or None,
-    "series": {"t": [...], "replicas": {"<shard>": [...]}, "load": {"<shard>": [...]}, "imbalance": [...],
-               "p99_ms": [...]}}
+    "series": {"t": [...], "replicas": {"<shard>": [...]}, "load": {"<shard>": [...]},
+               "critical": {"<shard>": [...]}, "imbalance": [...], "p99_ms": [...]}}
 
     p50/p99 are per-token latencies (a first token includes its queue wait); replica_seconds counts every replica
     holding a GPU, starting ones too; series "replicas" are serving ones, "load" tokens/s routed to each shard,
+    "critical" its share of the layer waits over the policy's window (None while the routers are not under load),
     "p99_ms" None in a tick that completed no token. real_shares: the (layers, experts) slot shares measured on
     the real model, required by the `real` workload and ignored by the others; measured layers repeat to fill the
     model's.
@@ -291,9 +303,10 @@ def simulate(w: Workload, policy: str, cluster: SimCluster, *, duration_s: float
     decisions: list[dict] = []
     imbalances: list[float] = []  # per tick that decoded anything
     series: dict = {"t": [], "replicas": {str(g): [] for g in range(G)}, "load": {str(g): [] for g in range(G)},
-                    "imbalance": [], "p99_ms": []}
+                    "critical": {str(g): [] for g in range(G)}, "imbalance": [], "p99_ms": []}
     tokens_done = replica_seconds = 0.0
     last_load = np.zeros(G)
+    router_window: deque[tuple[np.ndarray, bool]] = deque(maxlen=round(CRITICAL_WINDOW_S / DT_S))
     kill: dict | None = None
     kill_t = None if kill_at_s is None else math.ceil(kill_at_s / DT_S) * DT_S  # the tick it happens in
     window = (-math.inf, -math.inf) if kill_t is None else (kill_t - KILL_WINDOW_S / 2, kill_t + KILL_WINDOW_S / 2)
@@ -367,6 +380,10 @@ def simulate(w: Workload, policy: str, cluster: SimCluster, *, duration_s: float
             imbalances.append(tick_imbalance)
         window_load += 2 * share * (n / tau * 1e3 * DT_S if n > 0 else 0.0)
         last_load = load
+        router_window.append((cost.critical_ms(n) * (DT_S / tau) if n > 0 else np.zeros(G), waiting > served))
+        critical_share = critical_shares(list(sum(c for c, _ in router_window)), len(router_window) * DT_S)
+        for g in range(G):
+            series["critical"][str(g)].append(None if critical_share is None else float(critical_share[g]))
         for g, s in enumerate(shards):
             if s.running:
                 s.busy.append(float(busy[g]))
@@ -386,8 +403,11 @@ def simulate(w: Workload, policy: str, cluster: SimCluster, *, duration_s: float
                 mean_busy = float(np.mean(s.busy)) if s.running and s.busy else None
                 hot_queue = waiting > served and mean_busy is not None and mean_busy > TARGET_BUSY
                 loads[str(g)] = ShardLoad(current=s.running, min_replicas=1, max_replicas=budget - (G - 1),
-                                          busy=mean_busy, queued=1.0 if hot_queue else 0.0, target_replicas=s.target)
-            want = decide(loads, target_busy=TARGET_BUSY, max_total_replicas=budget)
+                                          busy=mean_busy, queued=1.0 if hot_queue else 0.0, target_replicas=s.target,
+                                          critical=None if critical_share is None or not s.running
+                                          else float(critical_share[g]))
+            want = decide(loads, target_busy=TARGET_BUSY, max_total_replicas=budget,
+                          requests_waiting=any(w for _, w in router_window))
         else:
             want = {}
         key = "serve-default" if policy == "serve-default" else "raymoe"

@@ -47,6 +47,9 @@ class ExpertBackend(ABC):
         keep a sequence on the same replica from step to step (its outputs never depend on them).
         """
 
+    def note_waiting(self, n: int) -> None:  # noqa: B027 (only a distributed backend reports load)
+        """n requests wait for a batch slot: the batching engine tells the backend, whose load reports carry it."""
+
     def close(self) -> None:  # noqa: B027 (most backends start nothing)
         """Release whatever the backend started."""
 

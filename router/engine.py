@@ -149,6 +149,7 @@ class Engine:
             seq = self.waiting.popleft()
             seq.row = self.free_rows.pop()
             self.running.append(seq)
+        self.experts.note_waiting(len(self.waiting))
         if not self.running:
             return []
 

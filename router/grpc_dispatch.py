@@ -10,7 +10,9 @@ call fail fast with ShardUnavailable, so the engine can retry later instead of s
 
 Which shards hold a (layer, expert) comes from the app's active placement (the deployed plan, or the
 one a rebalance switched to); routers count the tokens they route to each pair and report them, for
-the rebalancer. A replica that no longer holds a pair (the router missed a switch) answers
+the rebalancer, and the critical path of every layer: how long the router waited and which shard answered
+last, the load signal the autoscaler sizes shards by (a shard's busy fraction cannot see that the whole
+batch waits on it). A replica that no longer holds a pair (the router missed a switch) answers
 FAILED_PRECONDITION, and the router re-reads the placement and sends the layer again.
 
 The calls run on grpc.aio channels of a private event loop that the calling (engine) thread itself
@@ -68,8 +70,9 @@ class ReplicaSource(Protocol):
 
     def report_failure(self, address: str) -> None: ...
 
-    def report_tokens(self, counts: list) -> None:
-        """(L, E) tokens routed to each (layer, expert) since the last report."""
+    def report_load(self, tokens: list, critical_s: list, waiting: int) -> None:
+        """Since the last report: (L, E) tokens routed to each (layer, expert); per shard, the seconds of layer
+        waits it ended (it answered last); and the requests now waiting for a batch slot."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,8 @@ class GrpcExperts(ExpertBackend):
         self.busy: dict[str, float] = {}  # replica_id -> the busy fraction its last reply reported
         self.rows_sent: dict[str, int] = {}  # replica_id -> rows this router sent it (for tests and status)
         self.tokens = np.zeros((n_layers, n_experts), dtype=np.int64)  # routed since the last report
+        self.critical_s: dict[int, float] = {}  # shard -> seconds of layer waits it ended, since the last report
+        self.waiting = 0  # requests waiting for a batch slot, as the batching engine last said (note_waiting)
         self._tokens_lock = threading.Lock()
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, args=(refresh_s,), name="expert-view",
@@ -265,19 +270,24 @@ class GrpcExperts(ExpertBackend):
         except Exception as e:  # the directory may be briefly unreachable; the old view still works
             log.warning("could not refresh the expert replica view: %r", e)
 
-    def _report_tokens(self) -> None:
+    def note_waiting(self, n: int) -> None:
+        self.waiting = n
+
+    def _report_load(self) -> None:
         with self._tokens_lock:
             counts, self.tokens = self.tokens, np.zeros_like(self.tokens)
-        if counts.any():
+            critical, self.critical_s = self.critical_s, {}
+        if counts.any() or critical or self.waiting:
+            per_shard = [critical.get(s, 0.0) for s in range(self.num_shards)]
             try:
-                self.source.report_tokens(counts.tolist())
-            except Exception as e:  # a lost report only blurs the rebalancer's picture
-                log.warning("could not report routed tokens: %r", e)
+                self.source.report_load(counts.tolist(), per_shard, self.waiting)
+            except Exception as e:  # a lost report only blurs the rebalancer's and the autoscaler's picture
+                log.warning("could not report routed load: %r", e)
 
     def _refresh_loop(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
             self._try_refresh()
-            self._report_tokens()
+            self._report_load()
 
     def live(self, shard: int, routing: Routing | None = None) -> list[Replica]:
         """The shard's replicas this router does not suspect right now."""
@@ -376,10 +386,16 @@ class GrpcExperts(ExpertBackend):
         target = [rep for _, rep, _ in messages]
         tried: list[set[str]] = [set() for _ in messages]
         pending = list(range(len(messages)))
+        start = time.perf_counter()
+        answered = [start] * len(messages)
+
+        async def call(i: int) -> expert_pb2.ForwardResponse:
+            reply = await self._stub(target[i].address).Forward(messages[i][2], timeout=self.timeout_s)
+            answered[i] = time.perf_counter()
+            return reply
+
         while pending:
-            replies = await asyncio.gather(
-                *[self._stub(target[i].address).Forward(messages[i][2], timeout=self.timeout_s) for i in pending],
-                return_exceptions=True)
+            replies = await asyncio.gather(*[call(i) for i in pending], return_exceptions=True)
             failed = []
             for i, reply in zip(pending, replies, strict=True):
                 shard, rep = messages[i][0], target[i]
@@ -407,6 +423,11 @@ class GrpcExperts(ExpertBackend):
             pending = failed
         for (_, _, req), rep in zip(messages, target, strict=True):
             self.rows_sent[rep.replica_id] = self.rows_sent.get(rep.replica_id, 0) + req.hidden.shape[0]
+        if messages:
+            last = int(np.argmax(answered))  # the whole layer waited for this one
+            with self._tokens_lock:
+                shard = messages[last][0]
+                self.critical_s[shard] = self.critical_s.get(shard, 0.0) + answered[last] - start
         return results
 
     def gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]]

@@ -10,7 +10,7 @@ from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from cluster.autoscaling import ExpertPlanePolicy, ShardLoad, decide
+from cluster.autoscaling import ROUTER_WAIT_MIN, ExpertPlanePolicy, ShardLoad, critical_shares, decide
 
 APP = "raymoe"
 POLICY_PATH = "cluster.autoscaling:ExpertPlanePolicy"
@@ -28,9 +28,10 @@ def ctx(
     metrics: dict | None = None,
     upscale_delay_s: float = 0.0,
     downscale_delay_s: float = 0.0,
+    app: str = APP,
 ) -> AutoscalingContext:
     """A real AutoscalingContext as the controller builds one: per-replica custom metrics keyed by ReplicaID."""
-    dep = DeploymentID(name=name, app_name=APP)
+    dep = DeploymentID(name=name, app_name=app)
     replicas = [ReplicaID(unique_id=f"{name}-r{i}", deployment_id=dep) for i in range(running)]
     if metrics is None:
         metrics = {}
@@ -42,7 +43,7 @@ def ctx(
     return AutoscalingContext(
         deployment_id=dep,
         deployment_name=name,
-        app_name=APP,
+        app_name=app,
         current_num_replicas=running,
         target_num_replicas=running if target is None else target,
         running_replicas=replicas,
@@ -84,8 +85,46 @@ def test_docstring_example():
         "D": ShardLoad(current=2, min_replicas=1, max_replicas=8, busy=0.6, queued=0),
     }
     assert decide(shards, 0.6, None) == {"A": 3, "B": 2, "C": 1, "D": 2}
-    assert decide(shards, 0.6, 6) == {"A": 2, "B": 2, "C": 1, "D": 1}
+    assert decide(shards, 0.6, 7) == {"A": 2, "B": 2, "C": 1, "D": 2}
+    assert decide(shards, 0.6, 6) == {"A": 2, "B": 1, "C": 1, "D": 2}  # what serves is kept: nothing is spare
     assert decide(shards, 0.6, 8) == {"A": 3, "B": 2, "C": 1, "D": 2}  # budget not binding
+
+
+def test_critical_path_docstring_example():
+    shards = {
+        "A": ShardLoad(2, 1, 8, busy=0.3, critical=0.70),
+        "B": ShardLoad(2, 1, 8, busy=0.3, critical=0.25),
+        "C": ShardLoad(2, 1, 8, busy=0.3, critical=0.05),
+        "D": ShardLoad(2, 1, 8, busy=0.3, critical=0.0),
+    }
+    assert decide(shards, 0.6, 8) == {"A": 2, "B": 2, "C": 1, "D": 1}  # nothing waits: no growth, cold ones shrink
+    assert decide(shards, 0.6, 8, requests_waiting=True) == {"A": 2, "B": 2, "C": 2, "D": 2}  # nothing spare
+    assert decide(shards, 0.6, 10, requests_waiting=True) == {"A": 4, "B": 2, "C": 2, "D": 2}
+    assert decide(shards, 0.6, None, requests_waiting=True) == {"A": 4, "B": 2, "C": 2, "D": 2}
+
+
+def test_critical_growth_counts_running_replicas_only():
+    # 2 running, 2 more starting (Serve's target 4): the share was measured on 2, so it asks for no more yet.
+    hot = ShardLoad(2, 1, 16, busy=0.3, target_replicas=4, critical=0.9)
+    assert decide({"hot": hot, "cold": ShardLoad(2, 1, 16, busy=0.3, critical=0.1)}, 0.6, None,
+                  requests_waiting=True) == {"hot": 4, "cold": 2}
+    # Once they serve, the same share doubles it again (at most).
+    hot = ShardLoad(4, 1, 16, busy=0.3, critical=0.9)
+    assert decide({"hot": hot, "cold": ShardLoad(2, 1, 16, busy=0.3, critical=0.1)}, 0.6, None,
+                  requests_waiting=True)["hot"] == 8
+
+
+def test_a_shard_ending_its_share_of_waits_keeps_its_replicas_though_idle():
+    even = {n: ShardLoad(3, 1, 8, busy=0.1, critical=0.5) for n in ("a", "b")}
+    assert decide(even, 0.6, None) == {"a": 3, "b": 3}
+    assert decide({n: ShardLoad(3, 1, 8, busy=0.1) for n in ("a", "b")}, 0.6, None) == {"a": 1, "b": 1}
+
+
+def test_critical_shares_need_routers_under_load():
+    assert critical_shares([3.0, 1.0], 5.0) == [0.75, 0.25]
+    assert critical_shares([0.2, 0.1], 5.0) is None  # waiting 6% of the window: a trickle, not decoding
+    assert critical_shares([ROUTER_WAIT_MIN * 5.0, 0.0], 5.0) == [1.0, 0.0]
+    assert critical_shares([], 5.0) is None and critical_shares([0.0, 0.0], 5.0) is None
 
 
 def test_proportional_and_float_exact():

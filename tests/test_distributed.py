@@ -141,7 +141,7 @@ class SwapSource:
     def report_failure(self, address):
         self.dead.append(address)
 
-    def report_tokens(self, counts):
+    def report_load(self, tokens, critical_s, waiting):
         pass
 
 
@@ -165,6 +165,55 @@ def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
         assert (out - experts.forward(1, x, ids, weights)).abs().max() < 1e-6
         assert source.dead == [servers[0].address]
         assert [r.replica_id for r in backend.view[0]] == ["fast"]
+    finally:
+        backend.close()
+        for srv in servers:
+            srv.stop()
+
+
+class LaggingServicer(ExpertServicer):
+    async def Forward(self, raw, context):
+        await asyncio.sleep(0.05)
+        return await super().Forward(raw, context)
+
+
+class RecordingSource:
+    def __init__(self, entries):
+        self.entries, self.reports = entries, []
+
+    def view(self):
+        return {"replicas": self.entries, "placement": None}
+
+    def report_failure(self, address):
+        pass
+
+    def report_load(self, tokens, critical_s, waiting):
+        self.reports.append((tokens, critical_s, waiting))
+
+
+def test_the_router_reports_which_shard_each_layer_waited_for(ckpt):
+    """Two shards on real gRPC, shard 0 answering 50 ms late: every layer's wait is charged to shard 0."""
+    c = Checkpoint(ckpt[0])
+    a = c.args
+    shards = [[(l, e) for l in range(a.n_layers) for e in (0, 1)], [(l, e) for l in range(a.n_layers) for e in (2, 3)]]
+    info, cpu = expert_pb2.InfoResponse(), torch.device("cpu")
+    servers = [GrpcServer(cls(ExpertSet.load(c, pairs, torch.float32), a.dim, a.n_layers, a.n_experts, torch.float32,
+                              MAX_MESSAGE, info, cpu), "127.0.0.1", MAX_MESSAGE)
+               for cls, pairs in ((LaggingServicer, shards[0]), (ExpertServicer, shards[1]))]
+    source = RecordingSource([dict(shard=s, num_shards=2, replica_id=f"r{s}", address=srv.address, pairs=pairs,
+                                   max_message_bytes=MAX_MESSAGE)
+                              for s, (srv, pairs) in enumerate(zip(servers, shards, strict=True))])
+    backend = GrpcExperts(source, a.n_layers, a.n_experts, refresh_s=3600)  # reports only when the test asks
+    x, ids, w = torch.randn(4, a.dim), torch.tensor([[0, 2], [1, 3], [0, 3], [1, 2]]), torch.full((4, 2), 0.5)
+    try:
+        for _ in range(3):
+            for layer in range(a.n_layers):
+                backend.forward(layer, x, ids, w)
+        backend.note_waiting(5)
+        backend._report_load()
+        (tokens, critical_s, waiting), = source.reports
+        assert waiting == 5 and sum(map(sum, tokens)) == 3 * a.n_layers * ids.numel()
+        assert critical_s[0] >= 3 * a.n_layers * 0.05 and critical_s[1] == 0.0
     finally:
         backend.close()
         for srv in servers:

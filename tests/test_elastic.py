@@ -17,6 +17,7 @@ from cluster.directory import DirectoryClient, get_directory
 from cluster.status import replica_info
 from protos import expert_pb2
 from router import LLM, SamplingParams
+from router.dispatch import ExpertBackend
 from router.grpc_dispatch import spread
 from server.async_engine import AsyncEngine, Submission
 
@@ -116,7 +117,7 @@ def test_directory_death_mid_generate_loses_nothing(three, local):
     app = three.experts.app_name
     killed = []
 
-    class KillDirectory:
+    class KillDirectory(ExpertBackend):
         def __init__(self, inner):
             self.inner, self.calls = inner, 0
 
@@ -269,6 +270,35 @@ def test_a_hot_shard_scales_up_then_down_without_failures(ray_session, ckpt):
         remove_apps([app], False, False)
 
 
+def test_routers_critical_path_reaches_the_policy_through_the_directory(ray_session):
+    """Routers' reports go through the real directory into the GCS key-value store, where the policy (as Serve's
+    controller runs it) reads them: while requests wait, the shard most layers wait for grows and none shrinks,
+    however idle the replicas look; without the report, busy alone shrinks them all."""
+    from test_autoscaling_policy import by_name, contexts, ctx
+
+    from cluster.autoscaling import ExpertPlanePolicy, router_load
+
+    app = "raymoe-critical"
+    directory = DirectoryClient(app)
+    try:
+        for _ in range(3):  # three routers' reports within the window: seconds of layer waits per shard
+            directory.report_load([[1, 1]], [3.0, 1.4, 0.1], 0)
+        directory.report_load([[1, 1]], [0.0, 0.0, 0.0], 4)  # one router has requests waiting
+        wait_for(lambda: (router_load(app) or {}).get("waiting") == 4, what="the directory's summary")
+        load = router_load(app)
+        assert load["critical_s"] == pytest.approx([9.0, 4.2, 0.3]) and load["window_s"] == 5.0
+        shards = [ctx(f"ExpertShard-{i}", 2, busy=[0.1, 0.1], app=app) for i in range(3)]
+        decided, state = ExpertPlanePolicy(target_busy=0.6)(contexts(*shards))
+        assert by_name(decided) == {"ExpertShard-0": 4, "ExpertShard-1": 2, "ExpertShard-2": 2}
+        assert [s["critical"] for s in state.values()] == pytest.approx([9 / 13.5, 4.2 / 13.5, 0.3 / 13.5])
+        directory.remove_app()
+        assert router_load(app) is None
+        decided, _ = ExpertPlanePolicy(target_busy=0.6)(contexts(*shards))
+        assert by_name(decided) == {f"ExpertShard-{i}": 1 for i in range(3)}  # busy alone: all idle
+    finally:
+        directory.remove_app()
+
+
 def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session, ckpt):
     import openai
 
@@ -372,10 +402,10 @@ def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session
         wait_for(lambda: DirectoryClient(app).token_counts(60) is not None, what="the router's token report")
         # On top of the router's own reports, a skew as another router would report it: experts 0 and 2 hot,
         # so both get a second copy and shard 1 (experts 1, 3) gives up one of its own.
-        DirectoryClient(app).report_tokens([[100_000, 1_000, 90_000, 1_000]] * a.n_layers)
+        DirectoryClient(app).report_load([[100_000, 1_000, 90_000, 1_000]] * a.n_layers, [], 0)
         result, calls = {}, []
 
-        class RebalanceMidway:
+        class RebalanceMidway(ExpertBackend):
             def __init__(self, inner):
                 self.inner = inner
 
@@ -436,7 +466,7 @@ def test_periodic_rebalance_follows_the_load(ray_session, ckpt, local):
         skew = [[100_000, 1_000, 90_000, 1_000]] * llm.args.n_layers  # experts 0 and 2 (both on shard 0) hot
 
         def switched() -> bool:
-            directory.report_tokens(skew)  # as a router under this load would, every refresh
+            directory.report_load(skew, [], 0)  # as a router under this load would, every refresh
             return plane_status(app)["placement_version"] >= 1
         wait_for(switched, timeout_s=60, what="a periodic rebalance")
         s = plane_status(app)

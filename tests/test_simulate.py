@@ -114,17 +114,18 @@ def test_replicas_stay_within_the_budget(policy, name):
     assert out["avg_replicas"] <= 64 and out["replica_seconds"] <= 64 * DURATION
 
 
-def test_lockstep_decode_hides_skew_from_the_busy_signal():
-    """The model's verdict on raymoe alone under zipf-1.2: every layer waits for its hottest shard, and each shard
-    is hot in a few layers only, so a replica's busy stays under the dead band (0.48) even while requests
-    queue; the rule shrinks every shard, and its queued bump never fires (it needs busy above target)."""
+def test_the_critical_path_keeps_raymoe_from_shrinking_below_the_load():
+    """Lock-step decode hides skew from the busy signal: every layer waits for its hottest shard, and each shard
+    is hot in a few layers only, so a replica's busy stays under the dead band (0.48) even while requests queue.
+    On busy alone the rule shrank every shard until requests queued without bound. With the routers' critical
+    path, a shard that ends its share of the layer waits keeps its replicas, and none shrinks while requests
+    wait: raymoe serves what static serves, on fewer GPUs, at a small cost in latency."""
     out, static = run("raymoe"), run("static")
-    r = replicas(out)
-    assert r[-1].sum() < 16 < 64
-    assert all(d["seconds_to_serving"] == 0.0 for d in out["decisions"])  # it never scales up
-    assert out["ttft_p99_ms"] > 10_000 > 20 > static["ttft_p99_ms"]
-    assert out["tokens_per_s"] < 0.7 * static["tokens_per_s"]
+    assert out["tokens_per_s"] == pytest.approx(static["tokens_per_s"], rel=0.01)
+    assert out["avg_replicas"] < 0.9 * static["avg_replicas"]
+    assert out["ttft_p99_ms"] < 2 * static["ttft_p99_ms"] and out["p99_ms"] < 1.5 * static["p99_ms"]
     # What it keeps goes by load: the most loaded shard never has fewer replicas than the least loaded.
+    r = replicas(out)
     load = np.array([static["series"]["load"][s][0] for s in SHARDS])
     assert (r[:, load.argmax()] >= r[:, load.argmin()]).all() and (r[:, load.argmax()] > r[:, load.argmin()]).any()
 
@@ -132,14 +133,22 @@ def test_lockstep_decode_hides_skew_from_the_busy_signal():
 def test_replace_balances_the_shards_and_serves_the_load_on_fewer_gpus():
     # Long enough for the placement to settle after raymoe's first cuts (the first re-placement is at 30 s).
     out, alone, static = (run(p, duration=240.0) for p in ("raymoe+replace", "raymoe", "static"))
-    assert out["imbalance_p50"] < 0.02 < 0.05 < alone["imbalance_p50"]
+    assert out["imbalance_p50"] < 0.10 < alone["imbalance_p50"]
     rebalances = [d for d in out["decisions"] if d["kind"] == "rebalance"]
     assert rebalances and all(d["seconds_to_serving"] == SimCluster().switch_s for d in rebalances)
+    assert out["tokens_per_s"] == pytest.approx(static["tokens_per_s"], rel=0.02)
+    assert out["avg_replicas"] < 0.9 * static["avg_replicas"]
+    assert replicas(out)[-1].sum() < 64
+
+
+def test_a_burst_grows_the_shards_the_batch_waits_on():
+    """3x the rate for a while: static queues for seconds; raymoe+replace, growing the shards on the critical
+    path while requests wait and re-placing their load, keeps token latency near its calm value."""
+    out, static = run("raymoe+replace", "burst", duration=240.0), run("static", "burst", duration=240.0)
     ups = [d for d in out["decisions"] if d["kind"] == "autoscale" and d["seconds_to_serving"] > 0]
     assert ups and all(d["seconds_to_serving"] >= SimCluster().replica_start_s for d in ups)
-    assert out["tokens_per_s"] == pytest.approx(static["tokens_per_s"], rel=0.02)
-    assert out["avg_replicas"] < 0.75 * static["avg_replicas"]
-    assert replicas(out)[-1].sum() < 64
+    assert replicas(out).sum(1).max() <= 64
+    assert out["p99_ms"] < 0.01 * static["p99_ms"] and out["tokens_per_s"] > static["tokens_per_s"]
 
 
 def test_redundant_copies_cost_latency_when_experts_are_memory_bound():
@@ -182,7 +191,7 @@ def test_numbers_scale_with_the_gpus():
     assert all(outs[g]["p99_ms"] == pytest.approx(outs[64]["p99_ms"], rel=0.05) for g in outs)
     big = run("raymoe+replace", gpus=512)
     assert big["tokens_per_s"] == pytest.approx(outs[512]["tokens_per_s"], rel=0.02)
-    assert big["imbalance_p50"] < 0.05 and big["avg_replicas"] < 512
+    assert big["imbalance_p50"] < run("raymoe", gpus=512)["imbalance_p50"] and big["avg_replicas"] < 512
 
 
 def test_default_rate_loads_the_static_plan_to_70_percent():
