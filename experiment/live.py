@@ -455,14 +455,25 @@ def decision_entries(log_: list[dict], t0_wall: float, series: dict) -> list[dic
     return out
 
 
-def throughput_lost(rec: Recorder, at: float, r: LiveRun) -> float:
-    """1 - (tokens of requests arriving in the minute around `at` done within it) / (their tokens)."""
-    lo, hi = rec.t0 + at - 30, rec.t0 + at + 30
-    mine = [rid for rid, t in rec.arrived.items() if lo <= t < hi]
-    if not mine:
+def backlog(rec: Recorder, t: float, tokens_per_request: int) -> int:
+    """Tokens asked for by requests arrived by monotonic time t and not yet produced by then."""
+    demanded = tokens_per_request * sum(a <= t for a in rec.arrived.values())
+    return demanded - int(np.searchsorted(rec.done_tokens, t, side="right"))
+
+
+def throughput_lost(rec: Recorder, at: float, r: LiveRun, before_s: float = 10.0) -> float:
+    """The share of the tokens asked for in the minute around `at` (within the run) that the kill cost: the
+    backlog at the minute's end beyond the backlog's usual level (its mean over the before_s seconds before the
+    kill). Tokens merely delayed and caught up within the minute are not lost; requests still in flight when the
+    minute ends are the usual backlog, not a loss."""
+    lo = rec.t0 + max(0.0, at - 30)
+    hi = min(rec.t0 + at + 30, max(rec.arrived.values(), default=lo))
+    demanded = r.tokens_per_request * sum(lo <= a < hi for a in rec.arrived.values())
+    if not demanded:
         return 0.0
-    done = sum(r.tokens_per_request for rid in mine if rec.finished.get(rid, np.inf) < hi)
-    return 1 - done / (len(mine) * r.tokens_per_request)
+    usual = np.mean([backlog(rec, t, r.tokens_per_request)
+                     for t in np.linspace(rec.t0 + max(0.0, at - before_s), rec.t0 + at, 21)])
+    return max(0.0, (backlog(rec, hi, r.tokens_per_request) - usual) / demanded)
 
 
 def summarize(rec: Recorder, r: LiveRun, log_: list[dict], t0: float, kill: dict | None) -> dict:

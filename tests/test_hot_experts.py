@@ -57,6 +57,38 @@ def test_drift_moves_the_hot_set():
     assert not np.array_equal(w.popularity(9.0, 4, 8), w.popularity(11.0, 4, 8))
 
 
+def _steady_run(stall: tuple[float, float] | None, catch_up: bool):
+    """A Recorder of 60 s at 10 requests/s of 4 tokens, each token 0.1 s after the last; during `stall` no token
+    comes out; with catch_up the stalled tokens come out at its end, else those requests never finish."""
+    from experiment.live import LiveRun, Recorder
+
+    r = LiveRun(model="", num_shards=1, budget=1, duration_s=60, rate=10, tokens_per_request=4, max_batch=64,
+                expert_num_cpus=0.1, replace_every_s=10)
+    rec = Recorder(1, t0=0.0)
+    for rid in range(600):
+        rec.arrived[rid] = rid / 10
+        times = [rid / 10 + 0.1 * (k + 1) for k in range(4)]
+        if stall and any(stall[0] <= t < stall[1] for t in times):
+            if not catch_up:
+                continue
+            times = [max(t, stall[1]) for t in times]
+        rec.done_tokens.extend(times)
+    rec.done_tokens.sort()
+    return rec, r
+
+
+def test_throughput_lost_counts_what_the_minute_did_not_deliver():
+    from experiment.live import throughput_lost
+
+    rec, r = _steady_run(None, False)
+    assert throughput_lost(rec, 30.0, r) == pytest.approx(0.0, abs=0.002)  # in flight at the end: not a loss
+    rec, r = _steady_run((30.0, 32.0), True)
+    assert throughput_lost(rec, 30.0, r) == pytest.approx(0.0, abs=0.002)  # delayed and caught up
+    rec, r = _steady_run((30.0, 32.0), False)
+    # 2 s of 40 tokens/s never delivered, plus the requests caught in its edges: about 2.3 s of 60 s.
+    assert throughput_lost(rec, 30.0, r) == pytest.approx(2.3 / 60, abs=0.005)
+
+
 def test_quick_live_run(ray_session, tmp_path):
     """All four policies on a live plane: the shape other tools read, PNGs, and what each policy did."""
     result = run(HotExpertsOptions(quick=True, out=tmp_path))
