@@ -36,6 +36,7 @@ DIRECTORY_NAME = "raymoe-directory"
 ENTRY_TTL_S = 30.0  # six of the replicas' 5 s health checks
 PROBE_TIMEOUT_S = 2.0
 CALL_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 120.0  # a new directory actor's process start, on a node that may be busy
 PLACEMENT_KEY = "raymoe/placement/{app}"  # GCS key-value store: msgpack {"active": record, "target": record}
 TOKEN_HISTORY_S = 600.0  # routers' token reports kept this long
 CRITICAL_WINDOW_S = 5.0  # the autoscaler sees the routers' critical path over this window
@@ -250,7 +251,11 @@ class DirectoryClient:
     @property
     def actor(self):
         if self._actor is None:
-            self._actor = get_directory()
+            actor = get_directory()
+            # A directory created just now starts a process of its own, which on a busy node takes longer than
+            # a call's timeout: wait for it once here, not in every caller's first call.
+            ray.get(actor.__ray_ready__.remote(), timeout=START_TIMEOUT_S)
+            self._actor = actor
         return self._actor
 
     def _call(self, method: str, *args, timeout: float = CALL_TIMEOUT_S, wait: bool = True):
