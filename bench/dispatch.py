@@ -4,6 +4,8 @@ Part 1 times one layer's scatter/gather (GrpcExperts.forward: split by shard, se
 replica touched, all in flight, gather, sum) against an echo of the same byte counts to the same
 replica processes over the same channels: the floor any dispatch over gRPC pays. Its checkpoint has a
 small intermediate size so that the expert math, reported beside it, does not hide the transport.
+Then C callers send the same layer's messages at once (as C routers or micro-batches would), and the
+replicas' Info says how many calls each run of expert math took (they merge concurrent calls of a layer).
 Part 2 decodes the model-core benchmark checkpoint with the experts on Ray, in-process, and in HF.
 """
 
@@ -32,6 +34,8 @@ class DispatchBenchOptions:
         "help": "expert intermediate size of the latency checkpoint (small: it measures transport)"})
     iters: int = field(default=100, metadata={"help": "timed layer calls per (hidden, tokens)"})
     num_shards: int = field(default=8, metadata={"help": "expert shards of the latency runs"})
+    callers: list[int] = field(default_factory=lambda: [1, 4], metadata={
+        "help": "concurrent callers of one layer (routers or micro-batches) in the latency runs' second table"})
     decode_shards: list[int] = field(default_factory=lambda: [8, 2], metadata={
         "help": "expert shards of the ray decode runs, one run each (8: one expert per shard)"})
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={"help": "decode batch sizes"})
@@ -100,6 +104,21 @@ class DirectCalls:
         """The slowest replica's expert math for these Forward requests."""
         return max(r.compute_ns for r in self._all("Forward", requests)) / 1e9
 
+    def forward_copies(self, requests: list[expert_pb2.ForwardRequest], copies: int) -> None:
+        """`copies` of every request in flight at once: as many callers sending the same layer."""
+        async def calls():
+            await asyncio.gather(*[self.stubs[a].Forward(r, timeout=30) for _ in range(copies)
+                                   for a, r in zip(self.addresses, requests, strict=True)])
+        self.loop.run_until_complete(calls())
+
+    def merge_counts(self) -> tuple[int, int]:
+        """(Forward calls, runs of expert math) since they started, summed over the replicas."""
+        async def infos():
+            return await asyncio.gather(*[self.stubs[a].Info(expert_pb2.InfoRequest(), timeout=30)
+                                          for a in set(self.addresses)])
+        got = self.loop.run_until_complete(infos())
+        return sum(i.calls for i in got), sum(i.math_batches for i in got)
+
     def close(self) -> None:
         async def close_all():
             for c in self.channels.values():
@@ -117,6 +136,7 @@ def bench_latency(args: DispatchBenchOptions, tmp: Path) -> None:
           f"intermediate {args.intermediate}; floor: echo of the same bytes to the same replicas")
     print(f"{'hidden':>6} {'tokens':>6} {'replicas':>8} | {'dispatch p50':>12} {'p99':>8} | {'echo p50':>9} "
           f"{'p99':>8} | {'ratio p50':>9} {'p99':>6} | {'expert math':>11} {'ratio w/o math':>14}")
+    concurrent: list[str] = []
     for hidden in args.hidden:
         ckpt = Checkpoint(latency_checkpoint(tmp / f"latency-{hidden}", hidden, args.intermediate))
         plane = ExpertPlaneConfig(num_shards=args.num_shards, expert_num_cpus=0.1)
@@ -151,8 +171,42 @@ def bench_latency(args: DispatchBenchOptions, tmp: Path) -> None:
                 print(f"{hidden:>6} {n:>6} {len(msgs):>8} | {f50 * 1e3:>10.3f}ms {f99 * 1e3:>6.3f}ms | "
                       f"{e50 * 1e3:>7.3f}ms {e99 * 1e3:>6.3f}ms | {f50 / e50:>8.2f}x {f99 / e99:>5.2f}x | "
                       f"{m50 * 1e3:>9.3f}ms {(f50 - m50) / e50:>13.2f}x")
+                concurrent += bench_callers(args, hidden, n, grpc_experts, msgs)
         finally:
             backend.close()
+    if args.callers:
+        print(f"\n== C callers send the same layer's messages at once, to the same replicas ({args.iters} rounds "
+              f"each); calls/batch: Forward calls per run of the replicas' expert math (1: none merged)")
+        print(f"{'hidden':>6} {'tokens':>6} {'callers':>7} | {'round p50':>10} {'p99':>8} | {'tokens/s':>9} "
+              f"{'vs 1 caller':>11} | {'calls/batch':>11}")
+        for row in concurrent:
+            print(row)
+
+
+def bench_callers(args: DispatchBenchOptions, hidden: int, n: int, grpc_experts, msgs: list) -> list[str]:
+    """Per C in args.callers: rounds of C copies of the layer's Forward messages in flight at once."""
+    rows, base = [], None
+    direct = DirectCalls(grpc_experts, [rep.address for _, rep, _, _ in msgs])
+    requests = [req for _, _, _, req in msgs]
+    try:
+        for c in args.callers:
+            direct.forward_copies(requests, c)  # warm-up
+            calls0, batches0 = direct.merge_counts()
+            rounds = []
+            for _ in range(args.iters):
+                t = time.perf_counter()
+                direct.forward_copies(requests, c)
+                rounds.append(time.perf_counter() - t)
+            calls, batches = direct.merge_counts()
+            r50, r99 = percentile(rounds, 50), percentile(rounds, 99)
+            tps = c * n / r50
+            base = base or tps
+            merged = f"{(calls - calls0) / (batches - batches0):>11.2f}" if batches > batches0 else f"{'-':>11}"
+            rows.append(f"{hidden:>6} {n:>6} {c:>7} | {r50 * 1e3:>8.3f}ms {r99 * 1e3:>6.3f}ms | {tps:>9.0f} "
+                        f"{tps / base:>10.2f}x | {merged}")
+    finally:
+        direct.close()
+    return rows
 
 
 def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:

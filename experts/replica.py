@@ -6,22 +6,24 @@ registers in a directory given to it (the cluster layer's, reached only through 
 """
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 import numpy as np
 import torch
+import torch.nn.functional as F
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ray import serve
 
 from checkpoint.args import parse_dtype
 from checkpoint.reader import Checkpoint
+from experts.coalesce import Coalescer
 from experts.ffn import ExpertSet
 from experts.holdings import DRAIN_VIEW_S, Holdings
 from experts.load import LoadMeter, LoadReport
@@ -44,7 +46,6 @@ class Registry(Protocol):
 
 
 REPORT_EVERY_S = 0.2
-INLINE_MAX_ELEMENTS = 64 * 4096  # hidden-state elements a call may have to run on the gRPC loop itself
 DRAIN_MAX_S = 10.0  # within Serve's graceful_shutdown_timeout_s
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 
@@ -53,25 +54,35 @@ class NotHeld(WireError):
     """A pair of the model that this replica does not hold: a router on an old placement."""
 
 
+@dataclass(frozen=True)
+class Job:
+    """One validated Forward call, bound to the ExpertSet it was checked against."""
+
+    experts: ExpertSet
+    x: torch.Tensor  # (N, dim)
+    ids: torch.Tensor  # (N, k) int32
+    w: torch.Tensor  # (N, k) float32
+
+
 class ExpertServicer:
     """ExpertService: validates every request against what this replica holds, then runs the experts.
 
     Requests arrive as raw bytes, so the size limit is checked before parsing and bytes that are
     not a message get INVALID_ARGUMENT too. A pair of the model this replica does not hold (now) gets
     FAILED_PRECONDITION: the placement moved it, and the router should re-read where it went.
+    Valid calls of one layer that wait together run as one batch on the math thread (experts.coalesce).
     """
 
     def __init__(self, experts: ExpertSet, dim: int, n_layers: int, n_experts: int, dtype: torch.dtype,
                  max_message_bytes: int, info: expert_pb2.InfoResponse, device: torch.device):
         self.dim, self.n_layers, self.n_experts, self.dtype = dim, n_layers, n_experts, dtype
         self.max_message_bytes, self.info, self.device = max_message_bytes, info, device
-        self.load = LoadMeter(experts.pairs)
+        self.coalescer: Coalescer[Job, tuple[torch.Tensor, int]] = Coalescer(self.run_batch)
+        self.load = LoadMeter(experts.pairs, queued=lambda: self.coalescer.waiting)
         self.set_experts(experts)
         self.inflight = 0  # Forward calls between arrival and reply (read by the drain)
-        self.math_busy = 0  # calls handed to the worker thread and not back yet
         self._report: LoadReport | None = None
         self._report_at = 0.0
-        self.math = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-math")
 
     def set_experts(self, experts: ExpertSet) -> None:
         """Serve `experts` from the next call on (calls under way finish on the set they started with)."""
@@ -144,35 +155,40 @@ class ExpertServicer:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except WireError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        self.load.arrived()
         self.inflight += 1
         try:
-            if x.numel() <= INLINE_MAX_ELEMENTS and not self.math_busy:
-                # Small and alone: a hop to the worker thread would cost more than the math blocks this loop.
-                out, ns = self.compute(experts, req.layer, x, ids, w)
-            else:
-                # The math runs on a worker thread of its own, so that this loop keeps answering health checks
-                # and keeps counting the calls that wait.
-                self.math_busy += 1
-                try:
-                    out, ns = await asyncio.get_running_loop().run_in_executor(
-                        self.math, self.compute, experts, req.layer, x, ids, w)
-                finally:
-                    self.math_busy -= 1
+            # Even a small call's math runs on the math thread: this loop must keep answering health checks
+            # and Info however long a batch takes.
+            out, ns = await self.coalescer.submit(req.layer, Job(experts, x, ids, w))
         finally:
             self.inflight -= 1
         load = self.load_report()
         return expert_pb2.ForwardResponse(output=to_wire(out), compute_ns=ns, busy=load.busy, queued=load.queued)
 
-    def compute(self, experts: ExpertSet, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
-                ) -> tuple[torch.Tensor, int]:
-        self.load.started_compute()
+    def run_batch(self, layer: int, jobs: list[Job]) -> list[tuple[torch.Tensor, int]]:
+        """On the math thread: the calls of `layer` as one run per ExpertSet (one, unless a placement switch
+        came between their arrivals), each call's rows of the output back in order.
+
+        A row's output equals its call's alone up to float32 rounding, not bit for bit: MKL's sgemm sums a
+        row's products in an order that depends on the matmul's row count (1-3, 5-7, 9-11 rows round
+        differently from 4, 8 and 12 or more here)."""
+        out: dict[int, tuple[torch.Tensor, int]] = {}
+        for experts in dict.fromkeys(j.experts for j in jobs):  # first-seen order
+            idx = [i for i, j in enumerate(jobs) if j.experts is experts]
+            part = [jobs[i] for i in idx]
+            y, ns = self.compute(experts, layer, *merge(part))
+            for i, rows in zip(idx, y.split([len(j.x) for j in part]), strict=True):
+                out[i] = (rows, ns)
+        return [out[i] for i in range(len(jobs))]
+
+    def compute(self, experts: ExpertSet, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                calls: int = 1) -> tuple[torch.Tensor, int]:
         t = time.perf_counter_ns()
         d = self.device
         out = experts.forward(layer, x.to(d), ids.to(d), w.to(d)).cpu()  # (N, dim)
         ns = time.perf_counter_ns() - t
         counts = np.bincount(ids.numpy().ravel() + 1, minlength=self.n_experts + 1)[1:]  # slot -1: not here
-        self.load.record(layer, {e: int(n) for e, n in enumerate(counts) if n}, ns / 1e9)
+        self.load.record(layer, {e: int(n) for e, n in enumerate(counts) if n}, ns / 1e9, calls)
         return out, ns
 
     def load_report(self) -> LoadReport:
@@ -187,6 +203,7 @@ class ExpertServicer:
         info.CopyFrom(self.info)
         r = self.load.report()
         info.busy, info.queued = r.busy, r.queued
+        info.calls_per_batch, info.calls, info.math_batches = r.calls_per_batch, self.load.calls, self.load.batches
         info.load.extend(expert_pb2.PairLoad(layer=l, expert=e, tokens=n, tokens_per_s=r.tokens_per_s.get((l, e), 0.0),
                                              busy=r.pair_busy.get((l, e), 0.0)) for (l, e), n in r.tokens.items())
         return info
@@ -202,6 +219,22 @@ class ExpertServicer:
         if req.reply_bytes != len(payload):
             payload = payload[: req.reply_bytes].ljust(req.reply_bytes, b"\0")
         return expert_pb2.EchoResponse(payload=payload)
+
+    def close(self) -> None:
+        """After the server stopped: let the math thread go."""
+        self.coalescer.close()
+
+
+def merge(jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(x (N, dim), ids (N, k), w (N, k), calls) of the jobs' rows stacked in order; k is the widest job's,
+    narrower ones padded with id -1 (routed elsewhere) and weight 0."""
+    if len(jobs) == 1:
+        j = jobs[0]
+        return j.x, j.ids, j.w, 1
+    k = max(j.ids.shape[1] for j in jobs)
+    ids = [F.pad(j.ids, (0, k - j.ids.shape[1]), value=-1) for j in jobs]
+    w = [F.pad(j.w, (0, k - j.w.shape[1])) for j in jobs]
+    return torch.cat([j.x for j in jobs]), torch.cat(ids), torch.cat(w), len(jobs)
 
 
 class GrpcServer:
@@ -249,6 +282,8 @@ class ReplicaMetrics:
                                   tag_keys=("shard",))
         self.queued = Gauge("raymoe_expert_queued_calls", "Forward calls waiting for the expert math",
                             tag_keys=("shard",))
+        self.calls_per_batch = Gauge("raymoe_expert_calls_per_batch", "Forward calls merged into one run of "
+                                     "expert math, recent average (1: none merged, 0: no math)", tag_keys=("shard",))
         self.shard = str(shard)
 
     def publish(self, r: LoadReport) -> None:
@@ -258,6 +293,7 @@ class ReplicaMetrics:
             self.rate.set(r.tokens_per_s.get((l, e), 0.0), tags=tags)
         self.replica_busy.set(r.busy, tags={"shard": self.shard})
         self.queued.set(r.queued, tags={"shard": self.shard})
+        self.calls_per_batch.set(r.calls_per_batch, tags={"shard": self.shard})
 
 
 @serve.deployment(name="ExpertShard", health_check_period_s=5, health_check_timeout_s=30,
@@ -348,3 +384,4 @@ class ExpertShard:
         finally:
             self.channel.close()
             self.server.stop()
+            self.servicer.close()
