@@ -363,9 +363,6 @@ class ExpertShard:
         self.metrics.publish(r)
         return {"busy": r.busy, "queued": float(r.queued), "tokens_per_s": r.total_tokens_per_s}
 
-    def info(self) -> dict:
-        return dict(self.entry)
-
     def __del__(self):
         """Serve stops the replica: drain, then exit. Routers learn it is draining at their next view refresh
         and send it nothing new; calls already in flight finish; only then does the server stop."""
