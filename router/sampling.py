@@ -2,6 +2,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this a temperature is greedy, as in vLLM: dividing logits by 1e-40 overflows them to inf, and the
+# softmax of infs is NaN, which would fail the sampling step of every sequence in the batch.
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -36,7 +40,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:

@@ -216,6 +216,25 @@ def test_seeded_sampling_repeats(client):
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
+def test_a_vanishing_temperature_is_greedy_and_hurts_no_other_request(client):
+    """1e-40 passes validation (>= 0); dividing logits by it gives inf, whose softmax is NaN: as in vLLM, a
+    temperature under 1e-5 decodes greedily, and a request sampled beside it in the batch is unaffected."""
+    async def both():
+        aclient = openai.AsyncOpenAI(base_url=client.base_url, api_key="x")
+        try:
+            return await asyncio.gather(
+                aclient.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=1e-40,
+                                         extra_body={"ignore_eos": True}),
+                aclient.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=1.0, seed=3))
+        finally:
+            await aclient.close()
+
+    tiny, other = asyncio.run(both())
+    greedy = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, **GREEDY)
+    assert tiny.choices[0].text == greedy.choices[0].text
+    assert other.usage.completion_tokens > 0
+
+
 def test_chat(client):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def f(x):"}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, **GREEDY)
