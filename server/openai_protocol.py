@@ -4,16 +4,43 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.sampling import SamplingParams
 
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
 
 
+# Parameters that change what is generated and that raymoe does not implement, with the values that leave the
+# output as it is. Set to anything else, a request is refused naming them rather than answered as if they were not.
+UNSUPPORTED = {
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "min_tokens": (None, 0),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
 class OpenAIModel(BaseModel):
-    # Unknown fields (presence_penalty, user, ...) are accepted and ignored, as vLLM does.
+    # Other unknown fields (user, ...) are accepted and ignored, as vLLM does.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            used = sorted(k for k, neutral in UNSUPPORTED.items() if k in data and data[k] not in neutral)
+            if used:
+                raise ValueError(f"unsupported parameters: {', '.join(used)}")
+        return data
 
 
 class StreamOptions(OpenAIModel):

@@ -260,6 +260,9 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "n": 2}, 400),
     ({"prompt": "x", "stop": [""]}, 400),
     ({"prompt": "x", "seed": -1}, 400),
+    ({"prompt": "x", "best_of": 2}, 400),
+    ({"prompt": "x", "logit_bias": {"5": 10}}, 400),
+    ({"prompt": "x", "presence_penalty": 0.5}, 400),
     ({}, 400),
     ({"prompt": ""}, 400),
     ({"prompt": []}, 400),
@@ -287,6 +290,9 @@ BAD_CHAT = [
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50, "logprobs": True}, 400),
     ({"messages": [{"role": "user", "content": "hi " * 400}], "max_tokens": 200}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400),
 ]
 
 
@@ -294,6 +300,16 @@ BAD_CHAT = [
 def test_bad_chat_requests(server, body, status):
     code, err = post(server["main"] + "/v1/chat/completions", {"model": MODEL, **body})
     assert code == status and err["object"] == "error" and err["message"]
+
+
+def test_unsupported_parameters_are_named_and_neutral_values_pass(server):
+    code, err = post(server["main"] + "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3,
+                                                           "logit_bias": {"1": 5}})
+    assert code == 400 and "best_of" in err["message"] and "logit_bias" in err["message"]
+    neutral = {"best_of": 1, "logit_bias": {}, "presence_penalty": 0.0, "frequency_penalty": 0, "user": "u",
+               "ignore_eos": True}
+    code, out = post(server["main"] + "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, **neutral})
+    assert code == 200 and out["usage"]["completion_tokens"] == 2
 
 
 def test_malformed_bodies_and_unknown_routes(server):
