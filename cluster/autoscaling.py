@@ -322,6 +322,11 @@ def critical_shares(critical_s: list[float], window_s: float) -> list[float] | N
     return [x / total for x in critical_s] if total > 0 and total >= ROUTER_WAIT_MIN * window_s else None
 
 
+def router_shares(load: dict | None) -> dict[int, float]:
+    """shard -> its critical share, from a ``router_load`` record; empty while routers are not under load."""
+    return dict(enumerate((critical_shares(load["critical_s"], load["window_s"]) if load else None) or []))
+
+
 def _shard_load(ctx: AutoscalingContext, critical: float | None = None
                 ) -> tuple[ShardLoad, float | None, float | None]:
     """The ShardLoad for one context, plus the raw busy and queued it was built from (for policy_state)."""
@@ -402,13 +407,13 @@ class ExpertPlanePolicy:
         observed: dict[str, tuple[float | None, float | None]] = {}
         apps = {ctx.app_name or dep_id.app_name for dep_id, ctx in contexts.items()}
         router = router_load(apps.pop()) if len(apps) == 1 else None
-        shares = critical_shares(router["critical_s"], router["window_s"]) if router else None
+        shares = router_shares(router)
         for dep_id, ctx in contexts.items():
             name = ctx.deployment_name or dep_id.name
             if not name.startswith(self.shard_prefix):
                 continue
             index = name[len(self.shard_prefix):]
-            critical = shares[int(index)] if shares and index.isdigit() and int(index) < len(shares) else None
+            critical = shares.get(int(index)) if index.isdigit() else None
             loads[name], busy, queued = _shard_load(ctx, critical)
             observed[name] = (busy, queued)
             ids[name] = dep_id

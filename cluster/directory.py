@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections import deque
+from itertools import zip_longest
 
 import msgpack
 import numpy as np
@@ -112,10 +113,7 @@ class ReplicaDirectory:
         recent.append((now, list(critical_s), int(waiting)))
         while recent and recent[0][0] < now - CRITICAL_WINDOW_S:
             recent.popleft()
-        per_shard = [0.0] * max(len(c) for _, c, _ in recent)
-        for _, c, _ in recent:
-            for shard, seconds in enumerate(c):
-                per_shard[shard] += seconds
+        per_shard = [sum(s) for s in zip_longest(*(c for _, c, _ in recent), fillvalue=0.0)]
         _kv_put(ROUTER_LOAD_KEY.format(app=app), json.dumps({
             "time": time.time(), "window_s": CRITICAL_WINDOW_S, "critical_s": per_shard,
             "waiting": max(w for _, _, w in recent)}).encode())

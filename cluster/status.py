@@ -4,7 +4,7 @@ import time
 
 import grpc
 
-from cluster.autoscaling import critical_shares, decisions, router_load
+from cluster.autoscaling import decisions, router_load, router_shares
 from cluster.directory import DirectoryClient
 from cluster.rebalance import current_placement, describe_pairs
 from experts.replica import SERVICE
@@ -70,9 +70,9 @@ def plane_status(app: str) -> dict:
                                           "node_id": r.get("node_id"), "state": "starting", "busy": None,
                                           "tokens": {}})
     router = router_load(app)
-    shares = critical_shares(router["critical_s"], router["window_s"]) if router else None
+    shares = router_shares(router)
     for s, shard in shards.items():
-        shard["critical"] = shares[s] if shares and s < len(shares) else None
+        shard["critical"] = shares.get(s)
     return {"app": app, "version": snap["version"], "placement_version": placement_version,
             "requests_waiting": router["waiting"] if router else None,
             "shards": [shards[s] for s in sorted(shards)],

@@ -25,7 +25,7 @@ from ray import serve
 
 from bench.harness import percentile
 from checkpoint.reader import Checkpoint
-from cluster.autoscaling import critical_shares, decisions, router_load
+from cluster.autoscaling import decisions, router_load, router_shares
 from cluster.deploy import apply
 from cluster.directory import DirectoryClient
 from cluster.eplb import imbalance
@@ -192,10 +192,9 @@ class Sampler(threading.Thread):
             for shard in range(self.rec.n_shards):
                 s["replicas"][str(shard)].append(sum(e["shard"] == shard for e in entries))
                 s["load"][str(shard)].append(sum(n for rid, n in per_replica.items() if self.shard_of[rid] == shard))
-            router = router_load(self.directory.app)
-            shares = critical_shares(router["critical_s"], router["window_s"]) if router else None
+            shares = router_shares(router_load(self.directory.app))
             for shard in range(self.rec.n_shards):
-                s["critical"][str(shard)].append(shares[shard] if shares and shard < len(shares) else None)
+                s["critical"][str(shard)].append(shares.get(shard))
             s["imbalance"].append(imbalance(list(per_replica.values())) if per_replica else 0.0)
             recent = [lat for t, lat in self.rec.itl[-5000:] if t >= time.monotonic() - 1.0]
             s["p99_ms"].append(1e3 * percentile(recent, 99) if recent else None)

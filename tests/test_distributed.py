@@ -124,25 +124,38 @@ def test_gpus_reach_the_replica_actor_options(ckpt):
 
 
 class SlowServicer(ExpertServicer):
+    DELAY_S = 5.0
+
     async def Forward(self, raw, context):
-        await asyncio.sleep(5)
+        await asyncio.sleep(self.DELAY_S)
         return await super().Forward(raw, context)
 
 
-class SwapSource:
-    """Lists the first replica until a router reports it dead, then the others (as Serve replaces one)."""
+class LaggingServicer(SlowServicer):
+    DELAY_S = 0.05
+
+
+class RecordingSource:
+    """Lists its entries; keeps the routers' failure and load reports."""
 
     def __init__(self, entries):
-        self.entries, self.dead = entries, []
+        self.entries, self.dead, self.reports = entries, [], []
 
     def view(self):
-        return {"replicas": self.entries[1:] if self.dead else self.entries[:1], "placement": None}
+        return {"replicas": self.entries, "placement": None}
 
     def report_failure(self, address):
         self.dead.append(address)
 
     def report_load(self, tokens, critical_s, waiting):
-        pass
+        self.reports.append((tokens, critical_s, waiting))
+
+
+class SwapSource(RecordingSource):
+    """Lists the first replica until a router reports it dead, then the others (as Serve replaces one)."""
+
+    def view(self):
+        return {"replicas": self.entries[1:] if self.dead else self.entries[:1], "placement": None}
 
 
 def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
@@ -169,26 +182,6 @@ def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
         backend.close()
         for srv in servers:
             srv.stop()
-
-
-class LaggingServicer(ExpertServicer):
-    async def Forward(self, raw, context):
-        await asyncio.sleep(0.05)
-        return await super().Forward(raw, context)
-
-
-class RecordingSource:
-    def __init__(self, entries):
-        self.entries, self.reports = entries, []
-
-    def view(self):
-        return {"replicas": self.entries, "placement": None}
-
-    def report_failure(self, address):
-        pass
-
-    def report_load(self, tokens, critical_s, waiting):
-        self.reports.append((tokens, critical_s, waiting))
 
 
 def test_the_router_reports_which_shard_each_layer_waited_for(ckpt):
