@@ -27,7 +27,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         # Decode drops these before the decoder sees them, so the window need not hold them: a run of them
         # (an EOS loop under ignore_eos) would otherwise widen the window token by token.
-        self.special = {i for i, t in tokenizer.tok.get_added_tokens_decoder().items() if t.special}
+        self.special = tokenizer.special_ids
         self.hf = tokenizer.tok
         context = list(prompt_ids[-CONTEXT_TOKENS:])
         if tokenizer.decode(context).endswith(INCOMPLETE):

@@ -44,12 +44,14 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys and values are cached
     cumulative_logprob: float = 0.0
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    output_offsets: list[int] = field(default_factory=list)  # where each output token's text starts in text
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     prompt_rows: list[torch.Tensor] = field(default_factory=list)
     text: str = ""
     detokenizer: IncrementalDetokenizer | None = None  # set when the engine has a tokenizer
     stops: StopStrings | None = None
     finish_reason: str | None = None
+    error: str | None = None  # why the server failed this sequence alone ("error" finish), for its log
     key: int = 0  # a stable number for the sequence: where a distributed backend keeps its tokens
 
     def __post_init__(self):
@@ -180,7 +182,7 @@ class Engine:
                          [1] * len(decode) + [n for _, n in prefill])  # (T,) each row's sequence
         try:
             logits = self.model(torch.tensor(tokens), meta, self.cache, self.experts, rows, trace, keys)
-        except ExpertsUnavailable:
+        except Exception:
             # Nothing of the step is kept, so running it again gives the same tokens. A decode token rewrites
             # its own cache slot with the same values; a prompt chunk may have overwritten slots its own
             # queries still read, so those prompts start over (recomputation, as vLLM preempts).
@@ -195,29 +197,68 @@ class Engine:
         r = 0
         for s in decode:
             s.num_computed += 1
-            self._sample(s, logits[r], logprobs[r])
+            self._guarded(s, self._sample, s, logits[r], logprobs[r])
             updated.append(s)
             r += 1
         for s, n in prefill:
             if s.wants_prompt_logprobs:
-                rows = logprobs[r : r + n]
-                self._record_prompt_logprobs(s, rows)
+                self._guarded(s, self._record_prompt_logprobs, s, logprobs[r : r + n])
                 r += n
                 last = r - 1
             else:
                 last = r
             s.num_computed += n
             self.num_prompt_tokens += n
-            if s.prefilled:
+            if s.finished:  # recording its prompt log-probs failed it
+                updated.append(s)
+            elif s.prefilled:
                 if s.params.max_tokens == 0:
-                    self._finish(s, "length")
+                    self._guarded(s, self._finish, s, "length")
                 else:
-                    self._sample(s, logits[last], logprobs[last])
+                    self._guarded(s, self._sample, s, logits[last], logprobs[last])
                 updated.append(s)
                 if not s.wants_prompt_logprobs:
                     r += 1
         self.running = [s for s in self.running if not s.finished]
         return updated
+
+    def step_alone(self) -> list[Sequence]:
+        """After a step that raised: run each running sequence in a step of its own, so that a sequence which
+        fails a batch fails alone (finish "error") and the others go on. Returns the sequences updated.
+
+        Raises ExpertsUnavailable as `step` does (the sequences not yet run stay as they were).
+        """
+        running, waiting = self.running, self.waiting
+        self.waiting, updated = deque(), []
+        try:
+            for s in running:
+                self.running = [s]
+                try:
+                    updated += self.step()
+                except ExpertsUnavailable:
+                    raise
+                except Exception as e:
+                    self._fail(s, e)
+                    updated.append(s)
+        finally:
+            self.running = [s for s in running if not s.finished]
+            self.waiting = waiting
+        return updated
+
+    def _guarded(self, s: Sequence, fn, *args) -> None:
+        """Run one sequence's own work (sampling, stop check, detokenizing); an error in it fails that sequence."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self._fail(s, e)
+
+    def _fail(self, s: Sequence, e: Exception) -> None:
+        log.error("sequence %s failed: %s", s.seq_id, e, exc_info=e)
+        s.error = f"{type(e).__name__}: {e}"
+        s.finish_reason = "error"
+        if s.row is not None:
+            self.free_rows.append(s.row)
+            s.row = None
 
     def _record_prompt_logprobs(self, s: Sequence, rows: torch.Tensor) -> None:
         """rows (n, V): log-probs predicting the tokens after positions num_computed.. of the prompt."""
@@ -236,6 +277,7 @@ class Engine:
     def _sample(self, s: Sequence, logits: torch.Tensor, logprobs: torch.Tensor) -> None:
         tok = sample_row(logits, s.params, s.generator)
         s.output_ids.append(tok)
+        s.output_offsets.append(len(s.text))
         s.cumulative_logprob += float(logprobs[tok])
         if s.params.logprobs is not None:
             s.output_logprobs.append(top_logprobs(logprobs, s.params.logprobs, tok))

@@ -1,3 +1,4 @@
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -13,11 +14,16 @@ class Tokenizer:
     def maybe(cls, path: str | Path) -> "Tokenizer | None":
         return cls(path) if (Path(path) / "tokenizer.json").is_file() else None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    @cached_property
+    def special_ids(self) -> set[int]:
+        """Ids of special tokens (<s>, </s>): decoding drops them, so they have no text."""
+        return {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     @property
     def vocab_size(self) -> int:

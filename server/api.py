@@ -14,7 +14,7 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,7 +28,7 @@ from router.engine import Engine
 from router.model import RouterModel
 from router.sampling import SamplingParams
 from router.tokenizer import Tokenizer
-from server.async_engine import AsyncEngine, RequestStream, Submission, Update
+from server.async_engine import AsyncEngine, EngineDead, QueueFull, RequestStream, Submission, Update
 from server.chat_template import ChatTemplate, ChatTemplateError
 from server.config import ServerConfig
 from server.metrics import RouterMetrics
@@ -46,8 +46,12 @@ from server.openai_protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     TopLogprob,
     Usage,
     error_body,
@@ -59,14 +63,22 @@ from server.openai_protocol import (
 log = logging.getLogger(__name__)
 
 
+RETRY_AFTER_S = 1  # what a client told to come back (queue full, engine starting) waits first
+
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None
+                   ) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def sse(payload) -> str:
@@ -80,12 +92,13 @@ class _Choice:
 
     prompt_ids: list[int]
     prompt_text: str
+    prompt_offsets: list[int]  # where each prompt token's text starts in prompt_text
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # where each generated token's text starts in text
     text: str = ""
     emitted: int = 0  # characters of text already streamed
     echoed: bool = False  # the prompt has been streamed back
-    offset: int = 0  # text_offset of the next log-prob entry
     sent: int = 0  # generated tokens streamed (with their log-probs)
     finish_reason: str | None = None
     prompt_logprobs: list | None = None
@@ -93,6 +106,7 @@ class _Choice:
     def apply(self, u: Update) -> None:
         self.token_ids += u.token_ids
         self.logprobs += u.logprobs
+        self.offsets += u.text_offsets
         self.text = u.text
         self.finish_reason = u.finish_reason
         if u.prompt_logprobs is not None:
@@ -127,7 +141,9 @@ class OpenAIServer:
                              tokenizer=self.tokenizer)
         self.max_model_len = self.engine.max_model_len
         self.metrics = RouterMetrics(self.name, self.args.n_layers, self.args.n_experts)
-        self.runner = AsyncEngine(self.engine, on_step=self.metrics.on_step)
+        self.limits = server
+        self.runner = AsyncEngine(self.engine, on_step=self.metrics.on_step, max_waiting=server.max_waiting,
+                                  stall_timeout_s=server.stream_stall_timeout_s)
         self.created = now()
         self.stream_chunks_per_s = server.stream_chunks_per_s  # 0: a chunk per step, however many streams
         self.streams = 0  # streaming responses open
@@ -141,14 +157,11 @@ class OpenAIServer:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def authorize(self, request: Request) -> None:
+    def authorized(self, authorization: str) -> bool:
         if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                  self.api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
+            return True
+        scheme, _, token = authorization.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
@@ -163,23 +176,71 @@ class OpenAIServer:
             self._token_text[tok] = s
         return s
 
-    def encode(self, prompt: str | list[int]) -> tuple[list[int], str]:
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> _Choice:
+        """A prompt as token ids, its text and where each token's text starts in it (runs off the event loop)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError(400, f"{self.name} has no tokenizer: send the prompt as token ids", "prompt")
-            return self.tokenizer.encode(prompt), prompt
+            enc = self.tokenizer.tok.encode(prompt, add_special_tokens=add_special_tokens)
+            ids = enc.ids
+            if len(ids) > self.max_model_len:  # before any model work, whatever max_tokens says
+                raise APIError(400, f"the prompt is {len(ids)} tokens, more than the model's context of "
+                                    f"{self.max_model_len}", "prompt")
+            # Special tokens (<s>) have no text: the span the tokenizer gives them is empty.
+            return _Choice(ids, prompt, [start for start, _ in enc.offsets])
         bad = [t for t in prompt if not 0 <= t < self.args.vocab_size]
         if bad:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})",
                            "prompt")
-        return prompt, self.tokenizer.decode(prompt) if self.tokenizer else ""
+        if self.tokenizer is None:
+            return _Choice(list(prompt), "", [0] * len(prompt))
+        return _Choice(list(prompt), *self.text_offsets(prompt))
 
-    async def submit(self, choices: list[_Choice], params: SamplingParams, stream: bool) -> RequestStream:
+    def text_offsets(self, ids: list[int]) -> tuple[str, list[int]]:
+        """The text of token ids and where each token's text starts in it; a special token (no text) starts
+        where the text has got to."""
+        text = self.tokenizer.decode(ids)
+        special = self.tokenizer.special_ids
+        enc = self.tokenizer.tok.encode(text, add_special_tokens=False)
+        if enc.ids == [t for t in ids if t not in special]:  # the usual case: the text tokenizes back to the ids
+            spans, out, end = iter(enc.offsets), [], 0
+            for t in ids:
+                if t in special:
+                    out.append(end)
+                else:
+                    start, end = next(spans)
+                    out.append(start)
+            return text, out
+        out, at = [], 0  # else each token's own decode, which may differ by a character around merges
+        for t in ids:
+            out.append(min(at, len(text)))
+            at += len(self.tokenizer.decode([t]))
+        return text, out
+
+    async def encode_all(self, prompts: list[str | list[int]], add_special_tokens: bool) -> list[_Choice]:
+        if len(prompts) > self.limits.max_prompts:
+            raise APIError(400, f"{len(prompts)} prompts in one request; at most {self.limits.max_prompts}",
+                           "prompt")
+        return await asyncio.to_thread(lambda: [self.encode(p, add_special_tokens) for p in prompts])
+
+    def check_stops(self, stops: list[str]) -> None:
+        if len(stops) > self.limits.max_stop_strings or any(len(x) > self.limits.max_stop_chars for x in stops):
+            raise APIError(400, f"at most {self.limits.max_stop_strings} stop strings of at most "
+                                f"{self.limits.max_stop_chars} characters", "stop")
+
+    async def submit(self, choices: list[_Choice], params: SamplingParams, stream: bool, rid: str
+                     ) -> RequestStream:
         try:
             return await self.runner.submit([Submission(c.prompt_ids, params, c.prompt_text)
-                                             for c in choices], stream)
+                                             for c in choices], stream, request_id=rid)
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from e
+        except QueueFull as e:
+            raise unavailable(f"the server is at capacity: {e}; retry later") from e
+        except EngineDead as e:
+            raise unavailable(f"this replica cannot serve: {e}") from e
+        except RuntimeError as e:  # a server fault adding it; the message names the request, nothing internal
+            raise APIError(500, str(e)) from e
 
     async def paced(self, stream: RequestStream) -> AsyncIterator[list[Update]]:
         """The stream's batches of updates, each stream at most one per len(streams) / stream_chunks_per_s.
@@ -208,39 +269,42 @@ class OpenAIServer:
 
     # --- /v1/completions ---------------------------------------------------------------------
 
-    def completion_logprobs(self, c: _Choice, echo: bool, start: int) -> CompletionLogprobs:
-        """Log-probs of generated tokens from `start` (echoing, the prompt's first); advances c.offset."""
+    def completion_logprobs(self, c: _Choice, echo: bool, echoing: bool, start: int) -> CompletionLogprobs:
+        """Log-probs of generated tokens from `start`, and of the prompt's when `echoing` it now; text_offset
+        indexes the choice's whole text (the echoed prompt first when `echo`)."""
         out = CompletionLogprobs()
-        entries: list[tuple[int, dict[int, float] | None]] = []
-        if echo:
-            entries += list(zip(c.prompt_ids, c.prompt_logprobs or [None] * len(c.prompt_ids), strict=True))
-        entries += list(zip(c.token_ids[start:], c.logprobs[start:], strict=True))
-        for tok, lp in entries:
-            s = self.token_text(tok)
-            out.tokens.append(s)
+        base = len(c.prompt_text) if echo else 0
+        entries: list[tuple[int, dict[int, float] | None, int]] = []
+        if echoing:
+            entries += list(zip(c.prompt_ids, c.prompt_logprobs or [None] * len(c.prompt_ids), c.prompt_offsets,
+                                strict=True))
+        entries += [(tok, lp, base + at) for tok, lp, at in zip(c.token_ids[start:], c.logprobs[start:],
+                                                                 c.offsets[start:], strict=True)]
+        for tok, lp, at in entries:
+            out.tokens.append(self.token_text(tok))
             out.token_logprobs.append(None if lp is None else lp[tok])
             out.top_logprobs.append(None if lp is None else {self.token_text(t): v for t, v in lp.items()})
-            out.text_offset.append(c.offset)
-            c.offset += len(s)
+            out.text_offset.append(at)
         return out
 
     async def completions(self, req: CompletionRequest) -> CompletionResponse | StreamingResponse:
         self.check_model(req.model)
-        choices = [_Choice(*self.encode(p)) for p in req.prompts()]
+        self.check_stops(req.stop or [])
+        choices = await self.encode_all(req.prompts(), req.add_special_tokens)
         try:
             params = req.sampling(req.max_tokens, req.logprobs,
                                   req.logprobs if req.echo and req.logprobs is not None else None)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        stream = await self.submit(choices, params, req.stream)
         rid, created = request_id("cmpl"), now()
+        stream = await self.submit(choices, params, req.stream, rid)
         if req.stream:
             return StreamingResponse(self.completion_stream(req, choices, params, stream, rid, created),
                                      media_type="text/event-stream")
         await self.drain(stream, choices)
         out = []
         for i, c in enumerate(choices):
-            lp = self.completion_logprobs(c, req.echo, 0) if req.logprobs is not None else None
+            lp = self.completion_logprobs(c, req.echo, req.echo, 0) if req.logprobs is not None else None
             text = (c.prompt_text if req.echo else "") + c.text
             out.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason))
         return CompletionResponse(id=rid, created=created, model=self.name, choices=out,
@@ -251,6 +315,8 @@ class OpenAIServer:
         hold = self.hold_back(params)
 
         def chunk(parts: list[CompletionChoice], usage: Usage | None = None) -> str:
+            if usage is None and req.continuous_usage:
+                usage = self.usage(choices)
             return sse(CompletionResponse(id=rid, created=created, model=self.name, choices=parts,
                                           usage=usage).model_dump(exclude_none=True))
 
@@ -272,7 +338,8 @@ class OpenAIServer:
                     fresh = len(c.token_ids) > c.sent
                     if not text and c.finish_reason is None and (self.tokenizer or not fresh):
                         continue
-                    lp = self.completion_logprobs(c, echo, c.sent) if req.logprobs is not None else None
+                    lp = (self.completion_logprobs(c, req.echo, echo, c.sent) if req.logprobs is not None
+                          else None)
                     c.sent = len(c.token_ids)
                     parts.append(CompletionChoice(index=i, text=text, logprobs=lp,
                                                   finish_reason=c.finish_reason))
@@ -318,12 +385,8 @@ class OpenAIServer:
             raise APIError(400, f"{self.name}'s tokenizer has no chat template (tokenizer_config.json "
                                 "'chat_template'): use /v1/completions with a plain prompt instead",
                            "messages")
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            text = self.chat_template.render(messages, req.add_generation_prompt)
-        except (ValueError, ChatTemplateError) as e:
-            raise APIError(400, str(e), "messages") from e
-        ids = self.tokenizer.tok.encode(text, add_special_tokens=False).ids
+        self.check_stops(req.stop or [])
+        text, ids = await asyncio.to_thread(self.render_chat, req)
         room = self.max_model_len - len(ids)
         if room <= 0:
             raise APIError(400, f"the conversation is {len(ids)} tokens, which fills the model's context of "
@@ -332,9 +395,9 @@ class OpenAIServer:
             params = req.sampling(req.max_new_tokens(room), req.n_logprobs(), None)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        choice = _Choice(ids, text)
-        stream = await self.submit([choice], params, req.stream)
+        choice = _Choice(ids, text, [])
         rid, created = request_id("chatcmpl"), now()
+        stream = await self.submit([choice], params, req.stream, rid)
         if req.stream:
             return StreamingResponse(self.chat_stream(req, choice, params, stream, rid, created),
                                      media_type="text/event-stream")
@@ -345,11 +408,22 @@ class OpenAIServer:
             choices=[ChatChoice(index=0, message=ChatResponseMessage(content=choice.text), logprobs=lp,
                                 finish_reason=choice.finish_reason)])
 
+    def render_chat(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The conversation as the template renders it, and its token ids (runs off the event loop)."""
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            text = self.chat_template.render(messages, req.add_generation_prompt)
+        except (ValueError, ChatTemplateError) as e:
+            raise APIError(400, str(e), "messages") from e
+        return text, self.tokenizer.tok.encode(text, add_special_tokens=bool(req.add_special_tokens)).ids
+
     async def chat_stream(self, req: ChatCompletionRequest, c: _Choice, params: SamplingParams,
                           stream: RequestStream, rid: str, created: int) -> AsyncIterator[str]:
         hold = self.hold_back(params)
 
         def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            if usage is None and req.continuous_usage:
+                usage = self.usage([c])
             return sse(ChatCompletionChunk(id=rid, created=created, model=self.name, choices=parts,
                                            usage=usage).model_dump(exclude_none=True))
 
@@ -373,6 +447,29 @@ class OpenAIServer:
                     yield chunk([], self.usage([c]))
         yield sse("[DONE]")
 
+    # --- /tokenize, /detokenize (vLLM's) -------------------------------------------------------
+
+    def need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise APIError(400, f"{self.name} has no tokenizer")
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        self.check_model(req.model)
+        self.need_tokenizer()
+        if req.messages is not None:
+            if self.chat_template is None:
+                raise APIError(400, f"{self.name}'s tokenizer has no chat template", "messages")
+            _, ids = await asyncio.to_thread(self.render_chat, req)
+        else:
+            ids = (await self.encode_all([req.prompt], req.add_special_tokens))[0].prompt_ids
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(req.model)
+        self.need_tokenizer()
+        choice = (await self.encode_all([req.tokens], True))[0]
+        return DetokenizeResponse(prompt=choice.prompt_text)
+
     # --- /v1/models --------------------------------------------------------------------------
 
     def models(self) -> ModelList:
@@ -380,15 +477,63 @@ class OpenAIServer:
                                          max_model_len=self.max_model_len)])
 
 
+class Gate:
+    """ASGI middleware run before routing: the API key, then the body size, so that an unauthenticated or
+    oversized call costs no parsing (FastAPI reads and parses a body before its dependencies run)."""
+
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+
+    def __init__(self, app, server: OpenAIServer):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        # Under a route prefix (Serve's route_prefix), the path starts with the root path.
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if scope["type"] != "http" or not path.startswith(self.PROTECTED):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not self.server.authorized(headers.get("authorization", "")):
+            return await self.refuse(scope, receive, send, 401,
+                                     "invalid or missing API key: send 'Authorization: Bearer <key>'")
+        limit = self.server.limits.max_body_bytes
+        too_big = f"the request body is larger than {limit} bytes"
+        if int(headers.get("content-length") or 0) > limit:
+            return await self.refuse(scope, receive, send, 413, too_big)
+        body, more = b"", scope["method"] in ("POST", "PUT", "PATCH")
+        while more:  # a chunked body has no length to check up front: count it as it comes
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await self.refuse(scope, receive, send, 413, too_big)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the client's disconnect, which ends a stream early
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope, receive, send, status: int, message: str) -> None:
+        self.server.metrics.request(scope["path"], status)
+        await error_response(status, message)(scope, receive, send)
+
+
 def build_fastapi(server: OpenAIServer) -> FastAPI:
     """The HTTP surface: routes, the API key check, errors shaped as OpenAI's (never a 5xx for bad input)."""
     app = FastAPI(title="raymoe", description="OpenAI-compatible API over a Mixtral-style MoE on Ray",
                   docs_url=None, redoc_url=None)
+    app.add_middleware(Gate, server=server)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         server.metrics.request(request.url.path, e.status)
-        return error_response(e.status, e.message, e.param)
+        return error_response(e.status, e.message, e.param, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -406,26 +551,31 @@ def build_fastapi(server: OpenAIServer) -> FastAPI:
             return error_response(503, "the engine thread has stopped")
         if server.runner.degraded:  # requests wait, none is lost; probes and clients can tell
             return JSONResponse({"status": "degraded", "detail": server.runner.degraded}, status_code=503,
-                                headers={"Retry-After": "1"})
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
         return Response(status_code=200)
 
-    # The key is checked as a dependency, so it comes before the body is read and validated.
-    authorized = [Depends(server.authorize)]
-
-    @app.get("/v1/models", dependencies=authorized)
+    @app.get("/v1/models")
     async def models() -> ModelList:
         return server.models()
 
-    @app.post("/v1/completions", response_model=None, dependencies=authorized)
+    @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest):
         out = await server.completions(req)
         server.metrics.request("/v1/completions", 200)
         return out
 
-    @app.post("/v1/chat/completions", response_model=None, dependencies=authorized)
+    @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatCompletionRequest):
         out = await server.chat(req)
         server.metrics.request("/v1/chat/completions", 200)
         return out
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        return await server.tokenize(req)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        return await server.detokenize(req)
 
     return app

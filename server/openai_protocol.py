@@ -2,13 +2,14 @@
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.sampling import SamplingParams
 
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 # Parameters that change what is generated and that raymoe does not implement, with the values that leave the
@@ -29,6 +30,23 @@ UNSUPPORTED = {
 }
 
 
+def lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("\\ud800" is valid JSON, but no text:
+    no tokenizer takes it and no response can encode it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := lone_surrogate(v, f"{where}.{k}".lstrip("."))))
+                    , None)
+    elif isinstance(value, list):
+        return next((w for i, v in enumerate(value) if (w := lone_surrogate(v, f"{where}.{i}".lstrip(".")))),
+                    None)
+    return None
+
+
 class OpenAIModel(BaseModel):
     # Other unknown fields (user, ...) are accepted and ignored, as vLLM does.
     model_config = ConfigDict(extra="ignore")
@@ -40,11 +58,14 @@ class OpenAIModel(BaseModel):
             used = sorted(k for k, neutral in UNSUPPORTED.items() if k in data and data[k] not in neutral)
             if used:
                 raise ValueError(f"unsupported parameters: {', '.join(used)}")
+            if where := lone_surrogate(data):
+                raise ValueError(f"{where}: a lone UTF-16 surrogate is not text")
         return data
 
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage on every chunk, not only the last
 
 
 class SamplingFields(OpenAIModel):
@@ -55,7 +76,7 @@ class SamplingFields(OpenAIModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=1, description="one choice per prompt; n > 1 is not supported")
     stream: bool = False
@@ -80,13 +101,18 @@ class SamplingFields(OpenAIModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.include_usage and self.stream_options.continuous_usage_stats)
+
 
 class CompletionRequest(SamplingFields):
     # A string, a list of strings, one list of token ids, or a list of them (one choice each).
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)  # 0 scores the prompt only (lm-evaluation-harness's loglikelihood)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int = Field(16, ge=0, lt=2**31)  # 0 scores the prompt only (lm-evaluation-harness's loglikelihood)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_special_tokens: bool = True  # vLLM's: False for a client that tokenizes itself (no <s> added)
 
     @field_validator("prompt")
     @classmethod
@@ -122,11 +148,12 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, lt=2**31)
+    max_completion_tokens: int | None = Field(None, ge=0, lt=2**31)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's default for chat: the template writes <s> itself
 
     def max_new_tokens(self, room: int) -> int:
         """The request's limit, or what is left of the context (vLLM's default for chat)."""
@@ -135,6 +162,39 @@ class ChatCompletionRequest(SamplingFields):
 
     def n_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(OpenAIModel):
+    """vLLM's /tokenize: a prompt, or a conversation as the chat template renders it."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (as vLLM)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.add_special_tokens is None:
+            self.add_special_tokens = self.prompt is not None
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[TokenId] = Field(min_length=1)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -261,7 +321,8 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               500: "InternalServerError", 503: "ServiceUnavailableError"}
+               413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
+               503: "ServiceUnavailableError"}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
