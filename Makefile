@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve lint protos bench
+.PHONY: install test serve lint protos bench fuzz
 
 install: $(STAMP)
 
@@ -26,3 +26,7 @@ lint: install
 # Rooted at the repository (-I.) so the generated code imports `from protos import expert_pb2`.
 protos: install
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/expert.proto
+
+# A long Schemathesis run over the server's schema (the test suite runs a bounded one): 0 server errors.
+fuzz: install
+	$(VENV)/bin/raymoe bench fuzz --max-examples 1000

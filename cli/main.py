@@ -16,6 +16,7 @@ from pathlib import Path
 from bench.dispatch import DispatchBenchOptions
 from bench.elastic import ElasticBenchOptions
 from bench.engine import EngineBenchOptions
+from bench.fuzz import FuzzBenchOptions
 from bench.routing import RoutingReportOptions
 from bench.serve import ServeBenchOptions
 from checkpoint.bundled import BUNDLED_MODEL
@@ -286,6 +287,8 @@ BENCHMARKS = {
                EngineBenchOptions, "bench.engine"),
     "dispatch": ("gRPC scatter/gather latency and ray-vs-local decode", DispatchBenchOptions, "bench.dispatch"),
     "serve": ("HTTP streaming latency and throughput beside offline generate", ServeBenchOptions, "bench.serve"),
+    "fuzz": ("Schemathesis against the live OpenAI server's own schema: cases run, and server errors (must be 0)",
+             FuzzBenchOptions, "bench.fuzz"),
     "elastic": ("a Zipf-skewed load, the hottest shard scaled out, then hot pairs re-placed: time to serving, "
                 "imbalance, step gaps",
                 ElasticBenchOptions, "bench.elastic"),

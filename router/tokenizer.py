@@ -17,6 +17,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encodings(self, texts: list[str], add_special_tokens: bool = True) -> list:
+        """The tokenizers Encodings (ids and character offsets) of texts. encode_batch releases the GIL while it
+        works (encode does not), so a long prompt tokenized on a worker thread leaves the event loop running."""
+        return self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 

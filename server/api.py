@@ -181,7 +181,7 @@ class OpenAIServer:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError(400, f"{self.name} has no tokenizer: send the prompt as token ids", "prompt")
-            enc = self.tokenizer.tok.encode(prompt, add_special_tokens=add_special_tokens)
+            enc = self.tokenizer.encodings([prompt], add_special_tokens)[0]
             ids = enc.ids
             if len(ids) > self.max_model_len:  # before any model work, whatever max_tokens says
                 raise APIError(400, f"the prompt is {len(ids)} tokens, more than the model's context of "
@@ -415,7 +415,7 @@ class OpenAIServer:
             text = self.chat_template.render(messages, req.add_generation_prompt)
         except (ValueError, ChatTemplateError) as e:
             raise APIError(400, str(e), "messages") from e
-        return text, self.tokenizer.tok.encode(text, add_special_tokens=bool(req.add_special_tokens)).ids
+        return text, self.tokenizer.encodings([text], bool(req.add_special_tokens))[0].ids
 
     async def chat_stream(self, req: ChatCompletionRequest, c: _Choice, params: SamplingParams,
                           stream: RequestStream, rid: str, created: int) -> AsyncIterator[str]:
@@ -524,11 +524,65 @@ class Gate:
         await error_response(status, message)(scope, receive, send)
 
 
+def tighten_schema(schema: dict, server: OpenAIServer) -> dict:
+    """The generated OpenAPI schema with this server's limits as bounds (token ids within the vocabulary,
+    max_tokens within the context, prompt and stop counts), so that clients and fuzzers see what it accepts."""
+    lim, vocab, context = server.limits, server.args.vocab_size - 1, server.max_model_len
+
+    def ints(node, maximum: int) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                node.pop("exclusiveMaximum", None)
+                node["maximum"] = maximum
+            for v in node.values():
+                ints(v, maximum)
+        elif isinstance(node, list):
+            for v in node:
+                ints(v, maximum)
+
+    def token_ids(node: dict) -> None:  # an array of token ids: at most a context of them
+        ints(node, vocab)
+        node["maxItems"] = context
+
+    def branches(prop: dict) -> list[dict]:
+        return prop.get("anyOf", [prop])
+
+    for model in schema.get("components", {}).get("schemas", {}).values():
+        props = model.get("properties", {})
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in props:
+                ints(props[name], context)
+        for name in ("stop_token_ids", "tokens"):
+            if name in props:
+                for b in branches(props[name]):
+                    if b.get("type") == "array":
+                        token_ids(b)
+        if "prompt" in props:
+            for b in branches(props["prompt"]):
+                items = b.get("items", {})
+                if b.get("type") == "array" and items.get("type") == "integer":
+                    token_ids(b)
+                elif b.get("type") == "array":
+                    b["maxItems"] = lim.max_prompts
+                    if items.get("type") == "array":
+                        token_ids(items)
+        if "stop" in props:
+            for b in branches(props["stop"]):
+                if b.get("type") == "string":
+                    b["maxLength"] = lim.max_stop_chars
+                elif b.get("type") == "array":
+                    b["maxItems"] = lim.max_stop_strings
+                    b["items"]["maxLength"] = lim.max_stop_chars
+    return schema
+
+
 def build_fastapi(server: OpenAIServer) -> FastAPI:
     """The HTTP surface: routes, the API key check, errors shaped as OpenAI's (never a 5xx for bad input)."""
     app = FastAPI(title="raymoe", description="OpenAI-compatible API over a Mixtral-style MoE on Ray",
                   docs_url=None, redoc_url=None)
     app.add_middleware(Gate, server=server)
+    generated = app.openapi
+    app.openapi = lambda: app.openapi_schema or tighten_schema(generated(), server)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

@@ -12,41 +12,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import uvicorn
 
+from bench.fuzz import fuzz, serving
 from checkpoint.args import parse_dtype
 from checkpoint.bundled import BUNDLED_MODEL, resolve_model
 from checkpoint.reader import Checkpoint
-from cluster.deploy import free_port
 from router.config import EngineConfig
 from router.dispatch import LocalExperts
-from server.api import OpenAIServer, build_fastapi
 from server.config import ServerConfig
 
 ENGINE = EngineConfig(model=BUNDLED_MODEL, max_model_len=256)
-
-
-@contextmanager
-def serving(server: ServerConfig | None = None, engine: EngineConfig = ENGINE, experts=None):
-    """The OpenAI app on a free loopback port: yields (base URL, OpenAIServer)."""
-    api = OpenAIServer(engine, server or ServerConfig(), experts)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(build_fastapi(api), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", api
-    finally:
-        uv.should_exit = True
-        thread.join(10)
-        api.close()
 
 
 def request(url: str, body=None, headers: dict | None = None, method: str | None = None
@@ -85,7 +64,7 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def plain():
-    with serving() as (base, api):
+    with serving(ENGINE) as (base, api):
         yield base, api
 
 
@@ -104,7 +83,7 @@ def test_a_sequence_whose_sampling_fails_fails_alone(monkeypatch):
         return real(logits, p, generator)
 
     monkeypatch.setattr(router.engine, "sample_row", sample_row)
-    with serving() as (base, _):
+    with serving(ENGINE) as (base, _):
         alone = completion(base, max_tokens=24, **GREEDY)[1]["choices"][0]["text"]
         out = asyncio.run(concurrently(
             lambda: completion(base, max_tokens=24, **GREEDY),
@@ -135,7 +114,7 @@ class PoisonedExperts(LocalExperts):
 
 def test_an_expert_error_fails_only_the_sequence_in_whose_batch_it_always_happens():
     experts = PoisonedExperts()
-    with serving(experts=experts) as (base, api):
+    with serving(ENGINE, experts=experts) as (base, api):
         alone = completion(base, max_tokens=24, **GREEDY)[1]["choices"][0]["text"]
         # The poisoned prompt is the one whose sequences carry a key we can name: its first token is 7.
         engine = api.engine
@@ -160,7 +139,7 @@ def test_an_expert_error_fails_only_the_sequence_in_whose_batch_it_always_happen
 
 
 def test_a_dead_engine_fails_what_is_open_reports_unhealthy_and_refuses_new_work():
-    with serving() as (base, api):
+    with serving(ENGINE) as (base, api):
         assert request(base + "/health")[0] == 200
         done = {}
 
@@ -190,7 +169,7 @@ def test_a_stream_nobody_reads_is_aborted_and_frees_its_slot():
     from router.sampling import SamplingParams
     from server.async_engine import AsyncEngine, Submission
 
-    with serving() as (_, api):
+    with serving(ENGINE) as (_, api):
         runner = AsyncEngine(api.engine, stall_timeout_s=0.5)
         api.runner.close()  # one engine thread per engine
 
@@ -212,7 +191,7 @@ def test_a_stream_nobody_reads_is_aborted_and_frees_its_slot():
 
 
 def test_bodies_over_the_limit_are_refused_before_parsing_and_keys_before_bodies():
-    with serving(ServerConfig(max_body_bytes=2000, api_key="sk-k")) as (base, _):
+    with serving(ENGINE, ServerConfig(max_body_bytes=2000, api_key="sk-k")) as (base, _):
         key = {"Authorization": "Bearer sk-k"}
         big = {"prompt": "x" * 5000, "max_tokens": 1}
         assert request(base + "/v1/completions", big, key)[0] == 413
@@ -229,7 +208,7 @@ def test_bodies_over_the_limit_are_refused_before_parsing_and_keys_before_bodies
 
 
 def test_prompt_stop_and_token_limits():
-    with serving(ServerConfig(max_prompts=4, max_stop_strings=2, max_stop_chars=8)) as (base, _):
+    with serving(ENGINE, ServerConfig(max_prompts=4, max_stop_strings=2, max_stop_chars=8)) as (base, _):
         assert completion(base, prompt=["a"] * 5)[0] == 400
         assert completion(base, prompt=["a"] * 4, max_tokens=1)[0] == 200
         assert completion(base, stop=["a", "b", "c"])[0] == 400
@@ -242,7 +221,7 @@ def test_prompt_stop_and_token_limits():
 
 def test_a_full_queue_answers_503_with_retry_after_and_loses_no_accepted_request():
     engine = replace(ENGINE, max_num_seqs=1)
-    with serving(ServerConfig(max_waiting=1), engine) as (base, _):
+    with serving(engine, ServerConfig(max_waiting=1)) as (base, _):
         out = asyncio.run(concurrently(*[lambda: completion(base, max_tokens=40, **GREEDY)] * 6))
         statuses = sorted(s for s, _, _ in out)
         assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
@@ -278,7 +257,7 @@ def test_tokenizing_runs_off_the_event_loop(plain):
     order = []
 
     def big():
-        completion(base, prompt="def f(x): return x\n" * 50000, max_tokens=1)
+        completion(base, prompt="def f(x): return x\n" * 20000, max_tokens=1)
         order.append("big")
 
     def health():
@@ -343,3 +322,11 @@ def test_seeded_generation_is_unchanged_by_the_guards(plain):
     want = llm.generate(["def f(x):"], SamplingParams(temperature=0.8, seed=5, max_tokens=16))[0].outputs[0].text
     llm.shutdown()
     assert completion(base, temperature=0.8, seed=5, max_tokens=16)[1]["choices"][0]["text"] == want
+
+
+def test_schemathesis_finds_no_server_error():
+    """A bounded run of the fuzzer over every operation of the server's schema (`make fuzz` runs 1,000 per
+    operation): 4xx for what the schema or the server refuses, never a 5xx."""
+    with serving(replace(ENGINE, max_model_len=64)) as (base, _):
+        result = fuzz(base, max_examples=8, seed=1)
+    assert result.generated > 100 and not result.server_errors, result.output[-4000:]
