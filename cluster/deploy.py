@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 from checkpoint.bundled import resolve_model
 from checkpoint.reader import Checkpoint
@@ -40,12 +41,25 @@ def apply(applications: list[dict], timeout_s: float = 300.0) -> None:
     client = _get_global_client()
     apps = deployed_configs() | {app["name"]: app for app in applications}
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
+    deadline = time.monotonic() + timeout_s
     for app in applications:
         try:
             client._wait_for_application_running(app["name"], timeout_s=int(timeout_s))
+            wait_routers_ready(app["name"], deadline - time.monotonic())
         except TimeoutError:
             raise TimeoutError(f"application {app['name']!r} is not running after {timeout_s:.0f}s: "
                                f"{not_running(app['name'])}") from None
+
+
+def wait_routers_ready(app: str, timeout_s: float) -> None:
+    """Wait until every running Router replica of the app has its engine ready (they answer 503 until then)."""
+    from cluster.app import routers_ready
+
+    deadline = time.monotonic() + timeout_s
+    while (state := routers_ready(app))[0] < state[1] or not state[1]:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.2)
 
 
 def not_running(app: str) -> str:

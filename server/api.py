@@ -59,11 +59,9 @@ from server.openai_protocol import (
     now,
     request_id,
 )
+from server.starting import RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
-
-
-RETRY_AFTER_S = 1  # what a client told to come back (queue full, engine starting) waits first
 
 
 class APIError(Exception):

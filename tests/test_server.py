@@ -429,3 +429,36 @@ def test_async_engine_rejects_a_bad_request_whole(checkpoints):
         asyncio.run(submit())
     runner.close()
     assert not llm.engine.has_unfinished()
+
+
+def test_a_router_answers_503_with_retry_after_until_its_experts_are_up(ray_session, checkpoints):
+    """Experts that cannot be placed (more CPUs than the cluster has) keep the router starting: it answers
+    at once, 503 with Retry-After, instead of holding requests until they time out."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.deploy import deployed_configs
+
+    app = config("--model", str(checkpoints[0]), "--served-model-name", MODEL, "--expert-backend", "ray",
+                 "--num-shards", "1", "--expert-num-cpus", "64", "--router-num-cpus", "0.25")["applications"][0]
+    app.update(name="raymoe-starting", route_prefix="/starting")
+    apps = deployed_configs() | {app["name"]: app}
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
+    try:
+        deadline, seen = time.monotonic() + 90, []
+        while time.monotonic() < deadline:
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port()}/starting/v1/models")
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    seen.append((r.status, None, None))
+            except urllib.error.HTTPError as e:
+                seen.append((e.code, e.headers.get("Retry-After"), e.read().decode()))
+            if seen[-1][0] == 503:
+                break
+            time.sleep(0.2)
+        status, retry_after, body = seen[-1]
+        assert status == 503 and retry_after == "1" and "starting" in json.loads(body)["message"], seen
+        assert {s for s, _, _ in seen} <= {404, 503}  # the route appears, then the router answers 503
+    finally:
+        serve.delete(app["name"])
