@@ -24,6 +24,22 @@ from server.starting import StartingGate
 log = logging.getLogger(__name__)
 
 
+RAYMOE_LOGGERS = ("attention", "checkpoint", "experts", "router", "server", "cluster")
+
+
+def log_to_replica_log() -> None:
+    """raymoe's INFO lines into the replica's log (stderr, which Ray keeps per worker and forwards to the
+    driver); Serve configures only its own "ray.serve" logger, so they would otherwise be dropped."""
+    for name in RAYMOE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s -- %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 READY_KEY = "raymoe/router-ready/{app}/{replica}"  # in the GCS key-value store while a router replica serves
 
 
@@ -38,6 +54,7 @@ class Router:
     """
 
     def __init__(self, engine: EngineConfig, plane: ExpertPlaneConfig, server: ServerConfig, expert_plane=None):
+        log_to_replica_log()
         self.expert_plane = expert_plane  # kept so the plane's ingress lives as long as this router
         self.server: OpenAIServer | None = None
         self.gate = StartingGate()

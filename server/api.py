@@ -477,7 +477,8 @@ class OpenAIServer:
 
 class Gate:
     """ASGI middleware run before routing: the API key, then the body size, so that an unauthenticated or
-    oversized call costs no parsing (FastAPI reads and parses a body before its dependencies run)."""
+    oversized call costs no parsing (FastAPI reads and parses a body before its dependencies run); and a
+    client that goes away mid-stream reads as a disconnect, whatever the transport raises for it."""
 
     PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 
@@ -485,9 +486,12 @@ class Gate:
         self.app, self.server = app, server
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        receive = self.disconnect_on_error(scope, receive)
         # Under a route prefix (Serve's route_prefix), the path starts with the root path.
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-        if scope["type"] != "http" or not path.startswith(self.PROTECTED):
+        if not path.startswith(self.PROTECTED):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if not self.server.authorized(headers.get("authorization", "")):
@@ -495,7 +499,10 @@ class Gate:
                                      "invalid or missing API key: send 'Authorization: Bearer <key>'")
         limit = self.server.limits.max_body_bytes
         too_big = f"the request body is larger than {limit} bytes"
-        if int(headers.get("content-length") or 0) > limit:
+        length = headers.get("content-length", "0")
+        if not length.isdigit():
+            return await self.refuse(scope, receive, send, 400, f"bad Content-Length {length[:40]!r}")
+        if int(length) > limit:
             return await self.refuse(scope, receive, send, 413, too_big)
         body, more = b"", scope["method"] in ("POST", "PUT", "PATCH")
         while more:  # a chunked body has no length to check up front: count it as it comes
@@ -516,6 +523,18 @@ class Gate:
             return await receive()  # then the client's disconnect, which ends a stream early
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    def disconnect_on_error(scope, receive):
+        """Serve's receive raises (TaskCancelledError) when the client has gone: hand the app the disconnect it
+        handles (the stream's close logs one line), not an exception that ends as a traceback in the log."""
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except Exception as e:
+                log.debug("receive on %s raised %r: a disconnect", scope.get("path"), e)
+                return {"type": "http.disconnect"}
+        return receive_or_disconnect
 
     async def refuse(self, scope, receive, send, status: int, message: str) -> None:
         self.server.metrics.request(scope["path"], status)

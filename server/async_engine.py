@@ -342,7 +342,9 @@ class RequestStream:
         return batch
 
     def close(self) -> None:
-        if self._open:
+        if self._open:  # the caller stopped before the end: its client went away, or the stream failed
+            log.info("request %s closed before the end; %d of its sequences aborted",
+                     self.seq_ids[0].rsplit("-", 1)[0], len(self._open))
             self.engine.abort([self.seq_ids[i] for i in self._open])
             self._open.clear()
 

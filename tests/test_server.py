@@ -462,3 +462,26 @@ def test_a_router_answers_503_with_retry_after_until_its_experts_are_up(ray_sess
         assert {s for s, _, _ in seen} <= {404, 503}  # the route appears, then the router answers 503
     finally:
         serve.delete(app["name"])
+
+
+def test_a_client_leaving_mid_stream_costs_one_log_line(server, ray_session):
+    """The stream's sequence is aborted and the router's log says so in one line, with no traceback."""
+    import glob
+    import socket
+
+    session = ray_session._private.worker._global_node.get_session_dir_path()
+    host, port = server["main"].removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "def f(x):", "max_tokens": 300, "stream": True,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    deadline, lines = time.monotonic() + 30, []
+    while time.monotonic() < deadline and not lines:
+        time.sleep(0.5)
+        logs = [open(f).read() for f in glob.glob(f"{session}/logs/worker-*.err")]
+        router_logs = [t for t in logs if ":actor_name:ServeReplica:raymoe:Router" in t]
+        lines = [ln for t in router_logs for ln in t.splitlines() if "closed before the end" in ln]
+    assert lines
+    assert not any("never retrieved" in t or "TaskCancelledError" in t for t in router_logs)
