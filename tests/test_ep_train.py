@@ -6,6 +6,7 @@ on all four, then (2, 1) on ranks 0-1 while (1, 1) and a dropping (2, 1) run on 
 """
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -50,6 +51,7 @@ def reference(cfg: EPTrainConfig, data: torch.Tensor) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # notice finished workers sooner than 2 s
     root = tmp_path_factory.mktemp("ep-train")
     cfg = base_config()
     cfg, data, tokenizer_json = load_tokens(cfg)
@@ -61,6 +63,19 @@ def runs(ray_session, tmp_path_factory):
     order = [jobs["ep4"], jobs["ep2dp2"], jobs["ep2"], jobs["ep1"], dropping]
     fit(order, data, tokenizer_json, cpus_per_worker=0.25)
     return {"cfg": cfg, "data": data, "root": root, "ref": reference(cfg, data)}
+
+
+def test_train_command_flags():
+    from cli.main import build, build_parser
+
+    args = build_parser().parse_args(["train", "--tiny", "--ep", "2", "--dp", "2", "--steps", "3", "--out", "d",
+                                      "--capacity-factor", "1.25", "--cpus-per-worker", "0.25"])
+    cfg = build(EPTrainConfig, args).resolved()
+    assert (cfg.ep, cfg.dp, cfg.world_size, cfg.steps, cfg.capacity_factor) == (2, 2, 4, 3, 1.25)
+    assert (cfg.dim, cfg.n_layers, str(cfg.out), cfg.cpus_per_worker) == (32, 2, "d", 0.25)
+    assert args.func.__name__ == "train"
+    with pytest.raises(ValueError, match="does not divide"):
+        replace(cfg, ep=3).resolved()
 
 
 def test_capacity_keeps_first_choices_first():
