@@ -131,6 +131,12 @@ def test_every_layout_trains_the_single_process_model(runs, name):
     summary = json.loads((out / "training.json").read_text())
     assert (summary["layout"]["ep"], summary["layout"]["dp"]) == LAYOUTS[name]
     assert summary["layout"]["backend"] == "gloo"
+    ep, dp = LAYOUTS[name]
+    assert summary["layout"]["experts_per_rank"] == runs["cfg"].n_experts // ep
+    first = 2 if name == "ep1" else 0  # global ranks of the run's leader's groups
+    assert summary["layout"]["leader_groups"] == {"token_exchange": [first + i for i in range(ep)],
+                                                  "expert_grads": [first + d * ep for d in range(dp)],
+                                                  "dense_grads": [first + r for r in range(ep * dp)]}
     assert losses == pytest.approx(ref["losses"], rel=1e-5)
     assert summary["history"]["grad_norm"] == pytest.approx(ref["norms"], rel=1e-4)
     assert summary["history"]["dropped"] == [[0, 0]] * runs["cfg"].steps

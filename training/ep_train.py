@@ -159,8 +159,10 @@ def run_job(job: Job, data: torch.Tensor, device: torch.device, out: Path, token
             json.dumps(tokenizer_config(a.max_position_embeddings), indent=2) + "\n")
     (out / "losses.json").write_text(json.dumps(history["loss"]) + "\n")
     summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-               "layout": {"ep": cfg.ep, "dp": cfg.dp, "experts_per_rank": a.n_experts // cfg.ep,
-                          "backend": dist.get_backend(), "device": str(device)},
+               "layout": {"ep": cfg.ep, "dp": cfg.dp, "experts_per_rank": model.w13.shape[1],
+                          "backend": dist.get_backend(), "device": str(device),
+                          "leader_groups": {name: dist.get_process_group_ranks(getattr(groups, name))
+                                            for name in ("token_exchange", "expert_grads", "dense_grads")}},
                "history": history, **timing, "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return True
