@@ -32,7 +32,7 @@ from training import corpus
 from training.bpe import tokenizer_config
 from training.ep_layer import ExpertParallelMixtral
 from training.ep_step import ep_train_step
-from training.process_groups import build_groups
+from training.process_groups import ExpertParallelGroups, build_groups
 from training.train import TrainConfig, make_optimizer, sample_batch, token_stream
 from training.trainable import TrainableMixtral, hf_state_dict
 
@@ -137,21 +137,32 @@ def run_job(job: Job, data: torch.Tensor, device: torch.device, out: Path, token
         for k, v in asdict(r).items():
             history[k].append(v)
 
-    # Timing over the steps after the first (it pays for warm-up), averaged over the ranks.
-    timed = slice(1, None) if cfg.steps > 1 else slice(None)
+    timing = mean_timing(step_s, exchange_s, cfg, groups, device)
+    if groups.dp_rank != 0:
+        return False
+    w13, w2 = model.gather_experts()  # every rank of copy 0 takes part; the leader writes
+    if groups.is_leader:
+        save(out, model, w13, w2, cfg, history, timing, tokenizer_json)
+    return groups.is_leader
+
+
+def mean_timing(step_s: list[float], exchange_s: list[float], cfg: EPTrainConfig, groups: ExpertParallelGroups,
+                device: torch.device) -> dict:
+    """Step time, tokens/s per rank and the all-to-all's share, over the steps after the first (it pays
+    for warm-up), averaged over the ranks (every rank of the run calls it)."""
+    timed = slice(1, None) if len(step_s) > 1 else slice(None)
     sums = torch.tensor([sum(step_s[timed]), sum(exchange_s[timed])], dtype=torch.float64, device=device)
     dist.all_reduce(sums, group=groups.dense_grads)
     mean_step = sums[0].item() / groups.world_size / len(step_s[timed])
     tokens_per_rank = cfg.batch_size // groups.world_size * cfg.seq_len
-    timing = {"step_seconds": mean_step, "tokens_per_second_per_rank": tokens_per_rank / mean_step,
-              "all_to_all_share": sums[1].item() / sums[0].item()}
+    return {"step_seconds": mean_step, "tokens_per_second_per_rank": tokens_per_rank / mean_step,
+            "all_to_all_share": sums[1].item() / sums[0].item()}
 
-    if groups.dp_rank != 0:
-        return False
-    w13, w2 = model.gather_experts()  # every rank of copy 0 takes part; the leader writes
-    if not groups.is_leader:
-        return False
-    a = model.args
+
+def save(out: Path, model: ExpertParallelMixtral, w13: torch.Tensor, w2: torch.Tensor, cfg: EPTrainConfig,
+         history: dict, timing: dict, tokenizer_json: str | None) -> None:
+    """The checkpoint in HF layout (all experts: w13 (L, E, 2I, D), w2 (L, E, D, I)), losses.json, training.json."""
+    a, groups = model.args, model.groups
     save_checkpoint(out, a, hf_state_dict(model.core.cpu(), w13.cpu(), w2.cpu()), cfg.dtype, cfg.aux_loss_coef)
     if tokenizer_json is not None:
         (out / "tokenizer.json").write_text(tokenizer_json)
@@ -160,12 +171,11 @@ def run_job(job: Job, data: torch.Tensor, device: torch.device, out: Path, token
     (out / "losses.json").write_text(json.dumps(history["loss"]) + "\n")
     summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                "layout": {"ep": cfg.ep, "dp": cfg.dp, "experts_per_rank": model.w13.shape[1],
-                          "backend": dist.get_backend(), "device": str(device),
+                          "backend": dist.get_backend(), "device": str(model.w13.device),
                           "leader_groups": {name: dist.get_process_group_ranks(getattr(groups, name))
                                             for name in ("token_exchange", "expert_grads", "dense_grads")}},
                "history": history, **timing, "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return True
 
 
 def train_loop_per_worker(config: dict) -> None:
