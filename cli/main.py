@@ -257,12 +257,14 @@ def train(args: argparse.Namespace) -> int:
     from cluster.ray_init import start_or_join_ray
     from training.ep_train import main
 
-    ray_opts = build(RayOptions, args)
-    started = start_or_join_ray(ray_opts.address, num_cpus=ray_opts.num_cpus, log_to_driver=False)
+    ray_opts, cfg = build(RayOptions, args), build(EPTrainConfig, args)
     try:
-        return main(build(EPTrainConfig, args))
+        cfg.resolved()  # a bad layout fails before Ray starts
+        started = start_or_join_ray(ray_opts.address, num_cpus=ray_opts.num_cpus, log_to_driver=False)
     except ValueError as e:
         sys.exit(f"raymoe train: {e}")
+    try:
+        return main(cfg)
     finally:
         if started:
             ray.shutdown()
