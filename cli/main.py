@@ -19,11 +19,13 @@ from bench.engine import EngineBenchOptions
 from bench.fuzz import FuzzBenchOptions
 from bench.routing import RoutingReportOptions
 from bench.serve import ServeBenchOptions
+from bench.train import TrainBenchOptions
 from checkpoint.bundled import BUNDLED_MODEL
 from cluster.rebalance import RebalanceOptions
 from experiment.hot_experts import HotExpertsOptions
 from router.config import EngineConfig, ExpertPlaneConfig
 from server.config import ServerConfig
+from training.ep_train import EPTrainConfig
 from training.train import TrainConfig
 
 SETTINGS = (EngineConfig, ExpertPlaneConfig, ServerConfig)
@@ -249,6 +251,25 @@ def train_tiny(args: argparse.Namespace) -> int:
     return main(build(TrainConfig, args), Path(out.out), out.threads)
 
 
+def train(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.ray_init import start_or_join_ray
+    from training.ep_train import main
+
+    ray_opts, cfg = build(RayOptions, args), build(EPTrainConfig, args)
+    try:
+        cfg.resolved()  # a bad layout fails before Ray starts
+        started = start_or_join_ray(ray_opts.address, num_cpus=ray_opts.num_cpus, log_to_driver=False)
+    except ValueError as e:
+        sys.exit(f"raymoe train: {e}")
+    try:
+        return main(cfg)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def inspect(args: argparse.Namespace) -> int:
     from bench.routing import run
 
@@ -281,6 +302,8 @@ COMMANDS = {
                  (GenerateOptions, EngineConfig, ExpertPlaneConfig), generate),
     "train-tiny": ("train the bundled tiny Mixtral on the standard library's Python",
                    (TrainConfig, TrainOutput), train_tiny),
+    "train": ("expert-parallel training on Ray Train (--ep x --dp ranks; gloo on CPUs, NCCL on GPUs), saved in "
+              "the layout `serve` reads", (EPTrainConfig, RayOptions), train),
 }
 BENCHMARKS = {
     "engine": ("decode/prefill of the engine beside HF transformers; long-generation decode rate",
@@ -289,6 +312,8 @@ BENCHMARKS = {
     "serve": ("HTTP streaming latency and throughput beside offline generate", ServeBenchOptions, "bench.serve"),
     "fuzz": ("Schemathesis against the live OpenAI server's own schema: cases run, and server errors (must be 0)",
              FuzzBenchOptions, "bench.fuzz"),
+    "train": ("expert-parallel training: tokens/s per rank and all-to-all share of step time at each --ep",
+              TrainBenchOptions, "bench.train"),
     "elastic": ("a Zipf-skewed load, the hottest shard scaled out, then hot pairs re-placed: time to serving, "
                 "imbalance, step gaps",
                 ElasticBenchOptions, "bench.elastic"),

@@ -25,6 +25,8 @@ from training.trainable import TrainableMixtral, load_balancing_loss
 
 log = logging.getLogger(__name__)
 
+MAX_GRAD_NORM = 1.0  # gradients are clipped to this global L2 norm
+
 
 @dataclass
 class TrainConfig:
@@ -94,6 +96,26 @@ def losses(model: TrainableMixtral, batch: torch.Tensor) -> tuple[torch.Tensor, 
     return ce, aux
 
 
+def sample_batch(data: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """(batch_size, seq_len + 1) windows of the token stream at random offsets drawn from gen."""
+    T = cfg.seq_len
+    starts = torch.randint(0, len(data) - T - 1, (cfg.batch_size,), generator=gen)
+    return torch.stack([data[s : s + T + 1] for s in starts.tolist()])
+
+
+def train_step(model: TrainableMixtral, opt: torch.optim.Optimizer, batch: torch.Tensor, cfg: TrainConfig,
+               step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step on batch (B, T + 1) -> (cross-entropy, aux loss, gradient norm before clipping)."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    ce, aux = losses(model, batch)
+    opt.zero_grad(set_to_none=True)
+    (ce + cfg.aux_loss_coef * aux).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    opt.step()
+    return ce, aux, norm
+
+
 @torch.no_grad()
 def eval_loss(model: TrainableMixtral, windows: torch.Tensor) -> float:
     model.eval()
@@ -129,15 +151,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     history = {"step": [], "train_ce": [], "aux": [], "eval_step": [], "val_ce": []}
     bar = tqdm(range(cfg.steps), desc="train-tiny", unit="step")
     for step in bar:
-        starts = torch.randint(0, len(data) - T - 1, (cfg.batch_size,), generator=gen)
-        batch = torch.stack([data[s : s + T + 1] for s in starts.tolist()])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        ce, aux = losses(model, batch)
-        opt.zero_grad(set_to_none=True)
-        (ce + cfg.aux_loss_coef * aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        ce, aux, _ = train_step(model, opt, sample_batch(data, cfg, gen), cfg, step)
         history["step"].append(step)
         history["train_ce"].append(ce.item())
         history["aux"].append(aux.item())

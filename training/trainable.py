@@ -40,11 +40,14 @@ def load_balancing_loss(gate_logits: list[torch.Tensor], k: int) -> torch.Tensor
 
 
 class TrainableMixtral(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, experts_held: int | None = None):
+        """experts_held: experts per layer this module holds (all of them, unless an expert-parallel
+        subclass holds a slice)."""
         super().__init__()
         self.args = args
         self.core = RouterModel(args)
-        L, E, I, D = args.n_layers, args.n_experts, args.hidden_dim, args.dim
+        L, I, D = args.n_layers, args.hidden_dim, args.dim
+        E = args.n_experts if experts_held is None else experts_held
         self.w13 = nn.Parameter(torch.empty(L, E, 2 * I, D))  # w1 then w3, out-major as checkpoints store them
         self.w2 = nn.Parameter(torch.empty(L, E, D, I))
 
@@ -101,11 +104,16 @@ class TrainableMixtral(nn.Module):
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor under the names transformers' MixtralForCausalLM (and our Checkpoint) reads."""
-        a, I = self.args, self.args.hidden_dim
-        core = self.core.state_dict()
-        out = {hf: core[ours] for ours, (hf, _) in dense_names(a).items()}
-        for i in range(a.n_layers):
-            for e in range(a.n_experts):
-                n1, n2, n3 = expert_names(i, e)
-                out |= {n1: self.w13[i, e, :I], n2: self.w2[i, e], n3: self.w13[i, e, I:]}
-        return {k: v.detach() for k, v in out.items()}
+        return hf_state_dict(self.core, self.w13, self.w2)
+
+
+def hf_state_dict(core: RouterModel, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The dense weights of `core` and all experts, w13 (L, E, 2I, D) and w2 (L, E, D, I), under HF names."""
+    a, I = core.args, core.args.hidden_dim
+    state = core.state_dict()
+    out = {hf: state[ours] for ours, (hf, _) in dense_names(a).items()}
+    for i in range(a.n_layers):
+        for e in range(a.n_experts):
+            n1, n2, n3 = expert_names(i, e)
+            out |= {n1: w13[i, e, :I], n2: w2[i, e], n3: w13[i, e, I:]}
+    return {k: v.detach() for k, v in out.items()}
