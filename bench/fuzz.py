@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -83,9 +84,10 @@ def fuzz(base: str, max_examples: int, seed: int, junit: Path | None = None) -> 
            "--checks", "not_a_server_error", "--max-examples", str(max_examples), "--seed", str(seed),
            "--generation-database", "none", "--request-timeout", "120", "--no-color", "--workers", "1"]
     if junit is not None:
-        cmd += ["--report", "junit", "--report-junit-path", str(junit)]
+        cmd += ["--report", "junit", "--report-junit-path", str(junit.resolve())]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("fuzz_hooks.py"))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    with tempfile.TemporaryDirectory() as scratch:  # Schemathesis keeps a cache in its working directory
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=scratch)
     out = proc.stdout + proc.stderr
     m = re.search(r"(\d+) generated, (\d+) passed", out)
     generated, passed = (int(m[1]), int(m[2])) if m else (0, 0)
