@@ -136,9 +136,15 @@ class RayExperts(ExpertBackend):
         self.backend, self.app_name = backend, app_name
         self.started_serve, self.started_ray = started_serve, started_ray
 
+    overlaps_calls = True
+
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                 keys: np.ndarray | None = None) -> torch.Tensor:
         return self.backend.forward(layer, x, expert_ids, weights, keys)
+
+    def forward_async(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                      keys: np.ndarray | None = None):
+        return self.backend.forward_async(layer, x, expert_ids, weights, keys)
 
     def note_waiting(self, n: int) -> None:
         self.backend.note_waiting(n)

@@ -25,6 +25,9 @@ class EngineConfig:
     chunk_size: int | None = field(default=None, metadata={
         "help": "prompt tokens per prefill chunk (default: the step's token budget)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling for requests that give none"})
+    ping_pong: bool = field(default=True, metadata={
+        "help": "with remote experts, split each step's batch in two so that one half's attention runs while "
+                "the other half's expert calls are in flight (--no-ping-pong: one batch, as a baseline)"})
 
     def __post_init__(self):
         parse_dtype(self.dtype)

@@ -1,5 +1,6 @@
 """The one interface between the router and wherever the experts run, and how a backend is chosen."""
 
+import concurrent.futures
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
 
@@ -46,6 +47,22 @@ class ExpertBackend(ABC):
         keys (T,) int64, when given: the sequence each row belongs to, so that a distributed backend can
         keep a sequence on the same replica from step to step (its outputs never depend on them).
         """
+
+    # Whether calls wait on something other than this process's CPU (a network round trip), so that computing
+    # meanwhile hides them: the engine then overlaps two micro-batches (forward_async).
+    overlaps_calls: bool = False
+
+    def forward_async(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                      keys: np.ndarray | None = None) -> concurrent.futures.Future:
+        """forward, run on the backend's one call thread: calls run one at a time, in the order made."""
+        if getattr(self, "_caller", None) is None:
+            self._caller = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-calls")
+        return self._caller.submit(self.forward, layer, x, expert_ids, weights, keys)
+
+    def close_caller(self) -> None:
+        if getattr(self, "_caller", None) is not None:
+            self._caller.shutdown()
+            self._caller = None
 
     def note_waiting(self, n: int) -> None:  # noqa: B027 (only a distributed backend reports load)
         """n requests wait for a batch slot: the batching engine tells the backend, whose load reports carry it."""

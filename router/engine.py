@@ -13,7 +13,7 @@ from attention.cache import RollingKVCache
 from router.config import EngineConfig
 from router.detokenizer import IncrementalDetokenizer, StopStrings
 from router.dispatch import ExpertBackend, ExpertsUnavailable
-from router.model import RouterModel
+from router.model import MicroBatch, RouterModel
 from router.sampling import SamplingParams, sample_row
 from router.tokenizer import Tokenizer
 
@@ -96,6 +96,7 @@ class Engine:
         # As in vLLM, a prompt chunk is bounded by the step's token budget unless asked otherwise.
         self.max_num_batched_tokens = max(c.max_num_batched_tokens, chunk_size or 0)
         self.chunk_size = chunk_size or self.max_num_batched_tokens
+        self.ping_pong = c.ping_pong
         self.generator = torch.Generator().manual_seed(c.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -164,24 +165,12 @@ class Engine:
                 prefill.append((s, n))
                 budget -= n
 
-        tokens = [s.output_ids[-1] for s in decode]
-        logit_rows = list(range(len(decode)))
-        for s, n in prefill:
-            start = len(tokens)
-            tokens += s.prompt_ids[s.num_computed : s.num_computed + n]
-            if s.wants_prompt_logprobs:
-                logit_rows += range(start, start + n)
-            elif s.num_computed + n == len(s.prompt_ids):
-                logit_rows.append(start + n - 1)
-
-        meta = self.cache.plan([s.row for s in decode], [s.num_computed for s in decode],
-                               [(s.row, s.num_computed, n) for s, n in prefill])
+        overlap = self.ping_pong and self.experts.overlaps_calls
+        groups = self._split(decode, prefill) if overlap else [(decode, prefill)]
+        batches = [self._micro_batch(d, p) for d, p in groups]
         trace: list = []
-        rows = torch.tensor(logit_rows, dtype=torch.long)
-        keys = np.repeat(np.array([s.key for s in decode] + [s.key for s, _ in prefill], dtype=np.int64),
-                         [1] * len(decode) + [n for _, n in prefill])  # (T,) each row's sequence
         try:
-            logits = self.model(torch.tensor(tokens), meta, self.cache, self.experts, rows, trace, keys)
+            parts = self.model.forward_micro(batches, self.cache, self.experts, trace)
         except Exception:
             # Nothing of the step is kept, so running it again gives the same tokens. A decode token rewrites
             # its own cache slot with the same values; a prompt chunk may have overwritten slots its own
@@ -189,6 +178,9 @@ class Engine:
             for s, _ in prefill:
                 s.num_computed, s.prompt_rows, s.prompt_logprobs = 0, [], []
             raise
+        # Back to the step's order: every group's decode rows (one per sequence), then every group's prompt rows.
+        logits = torch.cat([lg[: len(d)] for lg, (d, _) in zip(parts, groups, strict=True)]
+                           + [lg[len(d) :] for lg, (d, _) in zip(parts, groups, strict=True)])
         self.expert_tokens += torch.stack([torch.bincount(ids.flatten(), minlength=self.args.n_experts)
                                            for ids, _ in trace])
         logprobs = torch.log_softmax(logits, dim=-1)  # (rows, V)
@@ -259,6 +251,44 @@ class Engine:
         if s.row is not None:
             self.free_rows.append(s.row)
             s.row = None
+
+    def _micro_batch(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> MicroBatch:
+        """The model's input for these sequences: decode tokens first, then prompt chunks (as the cache plans)."""
+        tokens = [s.output_ids[-1] for s in decode]
+        logit_rows = list(range(len(decode)))
+        for s, n in prefill:
+            start = len(tokens)
+            tokens += s.prompt_ids[s.num_computed : s.num_computed + n]
+            if s.wants_prompt_logprobs:
+                logit_rows += range(start, start + n)
+            elif s.num_computed + n == len(s.prompt_ids):
+                logit_rows.append(start + n - 1)
+        meta = self.cache.plan([s.row for s in decode], [s.num_computed for s in decode],
+                               [(s.row, s.num_computed, n) for s, n in prefill])
+        keys = np.repeat(np.array([s.key for s in decode] + [s.key for s, _ in prefill], dtype=np.int64),
+                         [1] * len(decode) + [n for _, n in prefill])  # (T,) each row's sequence
+        return MicroBatch(torch.tensor(tokens), meta, torch.tensor(logit_rows, dtype=torch.long), keys)
+
+    @staticmethod
+    def _split(decode: list[Sequence], prefill: list[tuple[Sequence, int]]
+               ) -> list[tuple[list[Sequence], list[tuple[Sequence, int]]]]:
+        """Two groups of about equal tokens, cut at a sequence boundary (decodes count 1, chunks their length).
+
+        Example: decodes a b c and a chunk (d, 5): 8 tokens, halves from 4 -> [a b c] and [(d, 5)].
+        """
+        items = [(s, 1) for s in decode] + prefill
+        if len(items) < 2:
+            return [(decode, prefill)]
+        total, run, cut = sum(n for _, n in items), 0, 1
+        for i, (_, n) in enumerate(items[:-1]):
+            run += n
+            cut = i + 1
+            if run * 2 >= total:
+                break
+        first, second = items[:cut], items[cut:]
+        nd = len(decode)
+        return [([s for s, _ in first[:nd]], first[nd:]), ([s for s, _ in second[: max(0, nd - cut)]],
+                                                           second[max(0, nd - cut) :])]
 
     def _record_prompt_logprobs(self, s: Sequence, rows: torch.Tensor) -> None:
         """rows (n, V): log-probs predicting the tokens after positions num_computed.. of the prompt."""

@@ -198,6 +198,8 @@ def load_weight(busy: float) -> float:
 
 
 class GrpcExperts(ExpertBackend):
+    overlaps_calls = True  # a round trip per layer: worth hiding behind the other micro-batch's attention
+
     def __init__(self, source: ReplicaSource, n_layers: int, n_experts: int, *, timeout_s: float = 10.0,
                  refresh_s: float = 1.0, suspect_s: float = 2.0, max_message_bytes: int | None = None):
         """timeout_s: deadline of each call; refresh_s: how often the view is re-read from the source;
@@ -476,3 +478,4 @@ class GrpcExperts(ExpertBackend):
             self._loop.close()
         if self._helper is not None:
             self._helper.shutdown()
+        self.close_caller()

@@ -1,5 +1,7 @@
 """Everything of a Mixtral model except the experts: embeddings, attention, gates, final norm, LM head."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,17 @@ def route(gate_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     """
     top, ids = gate_logits.topk(k, dim=-1)
     return F.softmax(top.float(), dim=-1), ids
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step: its tokens, their attention metadata, the rows whose logits are wanted, and
+    each row's sequence key for the expert backend."""
+
+    tokens: torch.Tensor  # (T,)
+    meta: StepMetadata
+    logit_rows: torch.Tensor  # (R,)
+    keys: np.ndarray | None = None  # (T,)
 
 
 class Block(nn.Module):
@@ -52,16 +65,51 @@ class RouterModel(nn.Module):
         trace, when given, receives (expert_ids, weights) per layer; keys (T,) name each row's sequence
         for the expert backend.
         """
-        h = self.tok_embeddings(tokens)  # (T, dim)
-        cos, sin = self.rope.cos_sin(meta.positions, h.dtype)
-        for i, layer in enumerate(self.layers):
-            h = h + layer.attention(layer.attention_norm(h), cos, sin, meta, cache.k[i], cache.v[i])
-            x = layer.ffn_norm(h)
-            weights, ids = route(layer.gate(x), self.args.top_k)
-            if trace is not None:
-                trace.append((ids, weights))
-            h = h + experts.forward(i, x, ids, weights, keys)
-        return self.output(self.norm(h[logit_rows])).float()
+        return self.forward_micro([MicroBatch(tokens, meta, logit_rows, keys)], cache, experts, trace)[0]
+
+    @torch.inference_mode()
+    def forward_micro(self, batches: list["MicroBatch"], cache: RollingKVCache, experts: ExpertBackend,
+                      trace: list | None = None) -> list[torch.Tensor]:
+        """Micro-batches (disjoint sequences) through the model together -> each one's logits.
+
+        With two, ping-pong (MegaScale-Infer): one batch's attention and gate run while the other's expert
+        calls are in flight, so a distributed backend's round trips hide behind compute. Layer by layer:
+
+            main thread:   A.attn(l) | B.attn(l)   | A.attn(l+1) | B.attn(l+1) ...
+            expert calls:            | A.experts(l) | B.experts(l) | A.experts(l+1) ...
+
+        Each token meets the same weights in the same order as in one batch, so outputs are unchanged.
+        """
+        hs = [self.tok_embeddings(b.tokens) for b in batches]  # each (T_j, dim)
+        rope = [self.rope.cos_sin(b.meta.positions, h.dtype) for b, h in zip(batches, hs, strict=True)]
+        pending: list = [None] * len(batches)
+        routed: list[list] = [[] for _ in self.layers]
+        try:
+            for i, layer in enumerate(self.layers):
+                for j, b in enumerate(batches):
+                    if pending[j] is not None:
+                        hs[j] = hs[j] + pending[j].result()
+                        pending[j] = None
+                    h = hs[j] = hs[j] + layer.attention(layer.attention_norm(hs[j]), *rope[j], b.meta, cache.k[i],
+                                                        cache.v[i])
+                    x = layer.ffn_norm(h)
+                    weights, ids = route(layer.gate(x), self.args.top_k)
+                    routed[i].append((ids, weights))
+                    if len(batches) == 1:
+                        hs[j] = h + experts.forward(i, x, ids, weights, b.keys)
+                    else:
+                        pending[j] = experts.forward_async(i, x, ids, weights, b.keys)
+            for j, fut in enumerate(pending):
+                if fut is not None:
+                    hs[j] = hs[j] + fut.result()
+                    pending[j] = None
+        finally:  # a call that failed leaves the other batch's in flight: let it end before anyone retries
+            for fut in pending:
+                if fut is not None:
+                    fut.exception()
+        if trace is not None:
+            trace += [(torch.cat([ids for ids, _ in r]), torch.cat([w for _, w in r])) for r in routed]
+        return [self.output(self.norm(h[b.logit_rows])).float() for b, h in zip(batches, hs, strict=True)]
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype) -> "RouterModel":

@@ -232,6 +232,40 @@ def test_greedy_decode_matches_local_and_hf(llms, ckpt):
     assert all(hf_greedy_oracle(ckpt[1], ids, gen) for ids, gen in zip(PROMPTS, ours, strict=True))
 
 
+def test_ping_pong_runs_two_micro_batches_per_layer_off_the_main_thread_and_changes_no_token(llms, ckpt):
+    """With remote experts a step splits in two: each layer's expert calls go out twice, from the call thread,
+    while the main thread runs the other half's attention; the tokens are those of one batch."""
+    import threading
+
+    _, distributed = llms
+    engine, backend = distributed.engine, distributed.experts.backend
+    assert engine.ping_pong and distributed.experts.overlaps_calls
+    calls, real = [], backend.forward
+
+    def recording(layer, x, *args):
+        calls.append((threading.current_thread().name, layer, x.shape[0]))
+        return real(layer, x, *args)
+
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    backend.forward = recording
+    try:
+        split = [o.outputs[0].token_ids for o in distributed.generate(PROMPTS, params)]
+    finally:
+        del backend.forward
+    engine.ping_pong = False
+    try:
+        whole = [o.outputs[0].token_ids for o in distributed.generate(PROMPTS, params)]
+    finally:
+        engine.ping_pong = True
+    assert split == whole
+    assert {name.split("_")[0] for name, _, _ in calls} == {"expert-calls"}
+    n_layers = Checkpoint(ckpt[0]).args.n_layers
+    decode_steps = [calls[i : i + 2 * n_layers] for i in range(0, len(calls), 2 * n_layers)][1:]
+    # A decode step of len(PROMPTS) sequences: every layer twice, the halves' rows adding up to the batch.
+    assert any([layer for _, layer, _ in step] == [l for l in range(n_layers) for _ in (0, 1)]
+               and sum(t for _, _, t in step) == len(PROMPTS) * n_layers for step in decode_steps)
+
+
 def test_replicas_hold_only_their_share(llms, ckpt):
     _, distributed = llms
     a = Checkpoint(ckpt[0]).args
