@@ -242,23 +242,50 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 fns = {k: with_threads(args.router_threads,
                                        lambda llm=llm, batch=batch: llm.generate(batch, params))
                        for k, llm in llms.items() if k != "local"}
+                for k in rays:  # the same plane with one batch per step: what ping-pong hides is the difference
+                    fns[f"{k} 1b"] = with_threads(args.router_threads,
+                                                  lambda llm=llms[k], batch=batch: one_batch(llm, batch, params))
                 for t in sorted({1, default_threads}):
                     fns[f"local@{t}"] = with_threads(t, lambda batch=batch: llms["local"].generate(batch,
                                                                                                   params))
                     fns[f"HF@{t}"] = with_threads(t, lambda p=prompts: hf.generate(
                         p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
+                before = {k: dispatch_counters(llms[k]) for k in rays}
                 best = best_of_each(fns, args.repeats)
+                hidden = {k: hidden_fraction(before[k], dispatch_counters(llms[k])) for k in rays}
                 tps = {k: b * n / t for k, t in best.items()}
                 for ref in ("local", "HF"):
                     tps[ref] = max(v for k, v in tps.items() if k.startswith(ref + "@"))
                 same = all(tokens[k] == tokens["local"] for k in rays)
                 print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
                       + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
+                      + " | " + " ".join(f"{k}: {tps[k] / tps[k + ' 1b']:.2f}x one batch, {hidden[k]:.0%} "
+                                         "of dispatch hidden" for k in rays)
                       + ("" if same else "   (ray and local tokens differ!)"))
     finally:
         torch.set_num_threads(default_threads)
         for llm in llms.values():
             llm.shutdown()
+
+
+def one_batch(llm, batch: list, params) -> None:
+    """Generate with ping-pong off: every step one batch, each layer's expert calls waited out in full."""
+    llm.engine.ping_pong = False
+    try:
+        llm.generate(batch, params)
+    finally:
+        llm.engine.ping_pong = True
+
+
+def dispatch_counters(llm) -> tuple[float, float]:
+    """(seconds expert calls were in flight on the call thread, seconds the engine waited on them)."""
+    return getattr(llm.experts.backend, "async_call_s", 0.0), llm.engine.model.exposed_wait_s
+
+
+def hidden_fraction(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Of the dispatch time of ping-pong steps since `before`, the share the engine spent computing, not waiting."""
+    calls, waited = after[0] - before[0], after[1] - before[1]
+    return 1 - waited / calls if calls > 0 else float("nan")
 
 
 def run(args: DispatchBenchOptions) -> None:

@@ -1,5 +1,6 @@
 """Everything of a Mixtral model except the experts: embeddings, attention, gates, final norm, LM head."""
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,7 @@ class RouterModel(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta)
+        self.exposed_wait_s = 0.0  # time the main thread waited on micro-batches' expert calls (ping-pong)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, meta: StepMetadata, cache: RollingKVCache, experts: ExpertBackend,
@@ -88,7 +90,9 @@ class RouterModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 for j, b in enumerate(batches):
                     if pending[j] is not None:
+                        t = time.perf_counter()
                         hs[j] = hs[j] + pending[j].result()
+                        self.exposed_wait_s += time.perf_counter() - t
                         pending[j] = None
                     h = hs[j] = hs[j] + layer.attention(layer.attention_norm(hs[j]), *rope[j], b.meta, cache.k[i],
                                                         cache.v[i])
@@ -101,7 +105,9 @@ class RouterModel(nn.Module):
                         pending[j] = experts.forward_async(i, x, ids, weights, b.keys)
             for j, fut in enumerate(pending):
                 if fut is not None:
+                    t = time.perf_counter()
                     hs[j] = hs[j] + fut.result()
+                    self.exposed_wait_s += time.perf_counter() - t
                     pending[j] = None
         finally:  # a call that failed leaves the other batch's in flight: let it end before anyone retries
             for fut in pending:
