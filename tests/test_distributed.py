@@ -1,6 +1,8 @@
 """The distributed expert plane on a real local Ray: ExpertShard replicas on Serve, gRPC, failover."""
 
 import asyncio
+import functools
+import os
 import time
 
 import grpc
@@ -15,9 +17,11 @@ from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient, get_directory
 from cluster.expert_plane import build_expert_plane, connect_experts
 from cluster.placement import PlacementPlan
+from cluster.plane_token import TOKEN_ENV
 from cluster.ray_init import fit_cpus
 from experts.ffn import ExpertSet
 from experts.replica import SERVICE, ExpertServicer, GrpcServer
+from experts.security import call_metadata
 from experts.wire import WireError, from_wire, to_wire
 from protos import expert_pb2
 from router import LLM, SamplingParams
@@ -52,9 +56,11 @@ def entries(llm: LLM) -> list[dict]:
 
 
 def rpc(address: str, method: str, response_cls):
+    """A call of `method` as a router makes it: with the data-plane token."""
     channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
-    return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
+    call = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
                                response_deserializer=response_cls.FromString)
+    return functools.partial(call, metadata=call_metadata(os.environ[TOKEN_ENV]))
 
 
 # --- pieces that need no cluster ---------------------------------------------------------------------
@@ -165,7 +171,7 @@ def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
     pairs = [(l, e) for l in range(a.n_layers) for e in range(a.n_experts)]
     experts = ExpertSet.load(c, pairs, torch.float32)
     info, cpu = expert_pb2.InfoResponse(), torch.device("cpu")
-    servers = [GrpcServer(cls(experts, a.dim, a.n_layers, a.n_experts, torch.float32, MAX_MESSAGE, info, cpu),
+    servers = [GrpcServer(cls(experts, a.dim, a.n_layers, a.n_experts, torch.float32, info, cpu),
                           "127.0.0.1", MAX_MESSAGE) for cls in (SlowServicer, ExpertServicer)]
     source = SwapSource([dict(shard=0, num_shards=1, replica_id=rid, address=srv.address, pairs=pairs,
                               max_message_bytes=MAX_MESSAGE)
@@ -191,7 +197,7 @@ def test_the_router_reports_which_shard_each_layer_waited_for(ckpt):
     shards = [[(l, e) for l in range(a.n_layers) for e in (0, 1)], [(l, e) for l in range(a.n_layers) for e in (2, 3)]]
     info, cpu = expert_pb2.InfoResponse(), torch.device("cpu")
     servers = [GrpcServer(cls(ExpertSet.load(c, pairs, torch.float32), a.dim, a.n_layers, a.n_experts, torch.float32,
-                              MAX_MESSAGE, info, cpu), "127.0.0.1", MAX_MESSAGE)
+                              info, cpu), "127.0.0.1", MAX_MESSAGE)
                for cls, pairs in ((LaggingServicer, shards[0]), (ExpertServicer, shards[1]))]
     source = RecordingSource([dict(shard=s, num_shards=2, replica_id=f"r{s}", address=srv.address, pairs=pairs,
                                    max_message_bytes=MAX_MESSAGE)
@@ -277,7 +283,6 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
         "dtype float32 where int32": request(expert_ids=to_wire(ids.float())),
         "differs from expert_ids": request(weights=to_wire(w[:, :1])),
         "1 <= k <= 4": request(expert_ids=to_wire(ids[:, :0]), weights=to_wire(w[:, :0])),
-        "exceeds this replica's limit": request(hidden=to_wire(torch.randn(MAX_MESSAGE // 256 + 1, 64))),
         "not a ForwardRequest": b"\xff\xff\xff\xff",
     }
     for message, raw in bad.items():
@@ -286,6 +291,11 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
         assert message in err.value.details()
         check_still_serving()
+    # Over the message limit: the transport refuses it before any of it reaches Python.
+    with pytest.raises(grpc.RpcError) as err:
+        forward(request(hidden=to_wire(torch.randn(MAX_MESSAGE // 256 + 1, 64))), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    check_still_serving()
     # A pair of the model this shard does not hold: a router on an old placement, told to re-read it.
     with pytest.raises(grpc.RpcError) as err:
         forward(request(expert_ids=to_wire(ids.masked_fill(ids == 2, 1))), timeout=10)
@@ -297,9 +307,35 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
         echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=-1).SerializeToString())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     check_still_serving()
+    with pytest.raises(grpc.RpcError) as err:  # a reply bigger than its request: no amplification
+        echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=2).SerializeToString())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with grpc.insecure_channel(entry["address"]) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_deployed_replicas_refuse_calls_without_the_token(llms):
+    """The plane's replicas got the driver's token through their deployment: a call without it, or with
+    another, is UNAUTHENTICATED and runs no expert math; the health service needs none."""
+    _, distributed = llms
+    entry = next(e for e in entries(distributed) if e["shard"] == 0)
+    x, ids, w = torch.randn(3, 64), torch.tensor([[0, 2]] * 3, dtype=torch.int32), torch.full((3, 2), 0.5)
+    raw = expert_pb2.ForwardRequest(layer=1, hidden=to_wire(x), expert_ids=to_wire(ids),
+                                    weights=to_wire(w)).SerializeToString()
+    info = rpc(entry["address"], "Info", expert_pb2.InfoResponse)
+    before = info(b"", timeout=10).calls
+    with grpc.insecure_channel(entry["address"]) as channel:
+        forward = channel.unary_unary(f"/{SERVICE}/Forward", request_serializer=lambda b: b,
+                                      response_deserializer=expert_pb2.ForwardResponse.FromString)
+        for metadata in [(), call_metadata("not-the-token")]:
+            with pytest.raises(grpc.RpcError) as err:
+                forward(raw, timeout=10, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    assert info(b"", timeout=10).calls == before
+    assert len(rpc(entry["address"], "Forward", expert_pb2.ForwardResponse)(raw, timeout=10).output.data) == 3 * 64 * 4
 
 
 def test_connect_experts_by_app_name(llms, ckpt):
