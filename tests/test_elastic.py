@@ -14,7 +14,7 @@ from hf_reference import build_checkpoint
 
 from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient, get_directory
-from cluster.plane_token import app_token
+from cluster.plane_token import TOKEN_ENV, app_token
 from cluster.status import replica_info
 from protos import expert_pb2
 from router import LLM, SamplingParams
@@ -300,11 +300,13 @@ def test_routers_critical_path_reaches_the_policy_through_the_directory(ray_sess
         directory.remove_app()
 
 
-def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session, ckpt):
+def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session, ckpt, monkeypatch):
+    """Deployed as `raymoe serve` deploys, with no data-plane token given: the app gets a new one, which its
+    Router and replicas share, scaling keeps, and a driver finds in its config (plane_status asks replicas)."""
     import openai
 
     from cli.main import parse_settings
-    from cluster.deploy import deploy, http_port, scale_shard
+    from cluster.deploy import deploy, deployed_configs, http_port, scale_shard
     from cluster.ray_init import remove_apps
     from cluster.serve_config import serve_config
     from cluster.status import format_status, plane_status
@@ -314,8 +316,11 @@ def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session
         "--model", str(ckpt), "--num-shards", "2", "--expert-num-cpus", "0.1", "--router-num-cpus", "0.1",
         "--served-model-name", "tiny", "--stream-chunks-per-s", "50"]))
     cfg["applications"][0].update(name=app, route_prefix="/scale")
+    monkeypatch.delenv(TOKEN_ENV)
     deploy(cfg)
     try:
+        token = deployed_configs()[app]["runtime_env"]["env_vars"][TOKEN_ENV]
+        assert len(token) >= 32 and app_token(app) == token
         routers = replica_ids(app, "Router")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port()}/scale/v1", api_key="x", max_retries=0,
                                timeout=120)
@@ -346,6 +351,7 @@ def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session
             assert finish == "length" and usage.completion_tokens == 400
             wait_for(lambda n=replicas: running(app, "ExpertShard-1") == n, what=f"{replicas} replicas")
             assert replica_ids(app, "Router") == routers  # the Router was never replaced
+            assert deployed_configs()[app]["runtime_env"]["env_vars"][TOKEN_ENV] == token
         s = plane_status(app)
         assert [sh["shard"] for sh in s["shards"]] == [0, 1]
         assert {r["state"] for sh in s["shards"] for r in sh["replicas"]} == {"serving"}
