@@ -121,7 +121,7 @@ def test_default_cpu_share_fits_the_cluster_or_fails_at_once(ray_session, ckpt):
 
 def test_gpus_reach_the_replica_actor_options(ckpt):
     app = build_expert_plane(str(ckpt[0]), "float32", ExpertPlaneConfig(num_shards=2, replicas_per_shard=3,
-                                                                  num_gpus=0.5))
+                                                                  num_gpus=0.5), token="t")
     plane = app._bound_deployment
     assert "Expert" in plane.name
     shards = [a._bound_deployment for a in plane.init_args[2:]]
