@@ -166,8 +166,8 @@ class ReplicaDirectory:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                                          timeout=PROBE_TIMEOUT_S)
                 serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as e:  # every call slot taken: it answered, busy rather than gone
+            serving = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         entry = self.apps.get(app, {}).get(replica_id)
         if entry is None or entry.get("state") != "suspect":
             return

@@ -1,10 +1,11 @@
 """The data-plane token of an application: one per app, shared by its routers and expert replicas.
 
-It lives in the application's environment, never in its args or a config file: on Kubernetes the pods' env
+It lives in the application's environment, never in the app's config args: on Kubernetes the pods' env
 from a Secret (`RAYMOE_DATA_PLANE_TOKEN`), else the app's runtime_env, where `apply` puts one when it
 deploys a new app (the deployer's own `RAYMOE_DATA_PLANE_TOKEN`, or a fresh random one). The runtime_env is
 the app's for its whole life: replicas that Serve restarts or adds get the same token, and a re-apply of
-the same app keeps it (a new one would restart every replica).
+the same app keeps it (a new one would restart every replica). The app's builder reads it there and binds
+it into the shard deployments (cluster.expert_plane); its Routers read it there too.
 """
 
 import os

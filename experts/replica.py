@@ -374,7 +374,12 @@ class ExpertShard:
 
     def check_health(self) -> None:
         """Serve's health check: the gRPC server answers; re-registering heals a router's false alarm."""
-        status = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status
+        try:
+            status = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            status = health_pb2.HealthCheckResponse.SERVING  # every call slot taken: busy, not broken
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"expert gRPC server at {self.server.address} reports {status}")
         self.registry.register(self.entry)

@@ -41,9 +41,10 @@ from router.dispatch import ExpertBackend, ExpertsUnavailable
 log = logging.getLogger(__name__)
 
 # RESOURCE_EXHAUSTED: the replica serves its most concurrent calls already (or a message overflowed a limit,
-# which the router's own limit, the replicas' smallest, rules out): another replica may have room.
-RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED}
+# which the router's own limit, the replicas' smallest, rules out): another replica may have room. The
+# replica is busy, not broken: this router leaves it alone a while but reports no failure.
+BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED
+RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, BUSY}
 STALE_RETRIES = 5  # re-reads of the placement after a replica says it no longer holds a pair
 
 
@@ -325,9 +326,12 @@ class GrpcExperts(ExpertBackend):
         """Shards with no replica this router would call now (for /health)."""
         return sorted(s for s in range(self.num_shards) if not self.live(s))
 
-    def _suspect(self, rep: Replica, shard: int, why: str) -> None:
+    def _suspect(self, rep: Replica, shard: int, why: str, report: bool = True) -> None:
+        """Leave `rep` out for suspect_s; report it to the directory (which re-checks it) unless it is only busy."""
         log.warning("expert replica %s (shard %d) suspect for %.1fs: %s", rep.address, shard, self.suspect_s, why)
         self.suspect[rep.replica_id] = time.monotonic() + self.suspect_s
+        if not report:
+            return
         chan = self._channels.pop(rep.address, None)
         if chan is not None:
             self._loop.create_task(chan[0].close())
@@ -445,7 +449,7 @@ class GrpcExperts(ExpertBackend):
                 else:
                     raise reply
                 tried[i].add(rep.replica_id)
-                self._suspect(rep, shard, why)
+                self._suspect(rep, shard, why, report=not isinstance(reply, grpc.RpcError) or reply.code() != BUSY)
                 others = [r for r in self.candidates(shard) if r.replica_id not in tried[i]]
                 if not others:  # the directory may know a replacement this router has not seen yet
                     self._try_refresh()

@@ -374,6 +374,35 @@ def test_directory_keeps_apps_apart(ray_session):
         b.remove_app()
 
 
+def test_the_directory_rechecks_a_tls_replica_and_busy_is_not_dead(ray_session, tmp_path):
+    """A router reported a replica that serves TLS and has its only call slot taken: the directory's health
+    probe reaches it over TLS, hears RESOURCE_EXHAUSTED (it answered), and keeps it."""
+    from test_data_plane_security import TOKEN, SlowServicer, entry, forward_request, method, self_signed, serve, stop
+
+    from experts.security import ClientTLS, ReplicaSecurity, replica_channel
+
+    cert, key = self_signed(tmp_path, "raymoe-experts")
+    security = ReplicaSecurity(TOKEN, cert, key, ClientTLS(cert, "raymoe-experts"))
+    r = serve(SlowServicer, security=security, max_concurrent_rpcs=1)
+    directory = DirectoryClient("test-app-tls")
+    try:
+        directory.register(entry("r1", r[1], security) | {"app": "test-app-tls"})
+        with replica_channel(r[1].address, security.client_tls(), aio=False) as channel:
+            held = method(channel, "Forward", expert_pb2.ForwardResponse).future(
+                forward_request(), timeout=10, metadata=call_metadata(TOKEN))
+            time.sleep(0.2)
+            directory.report_failure(r[1].address)
+            deadline = time.monotonic() + 10
+            while [e["state"] for e in directory.snapshot()["replicas"]] == ["suspect"]:
+                assert time.monotonic() < deadline, "the directory never re-checked the replica"
+                time.sleep(0.05)
+            assert [e["state"] for e in directory.snapshot()["replicas"]] == ["serving"]
+            held.result()
+    finally:
+        directory.remove_app()
+        stop(r)
+
+
 class KillReplicaAt(ExpertBackend):
     """Passes calls on; at call number `at` kills the replica serving shard 0 and waits until it is gone."""
 
