@@ -21,7 +21,7 @@ from cluster.plane_token import TOKEN_ENV
 from cluster.ray_init import fit_cpus
 from experts.ffn import ExpertSet
 from experts.replica import SERVICE, ExpertServicer, GrpcServer
-from experts.security import call_metadata
+from experts.security import ClientTLS, call_metadata, replica_channel
 from experts.wire import WireError, from_wire, to_wire
 from protos import expert_pb2
 from router import LLM, SamplingParams
@@ -40,12 +40,17 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llms(ray_session, ckpt):
-    """One expert plane for the module: 2 shards (experts 0, 2 and 1, 3 of every layer), 2 replicas each."""
+def llms(ray_session, ckpt, tmp_path_factory):
+    """One expert plane for the module: 2 shards (experts 0, 2 and 1, 3 of every layer), 2 replicas each,
+    serving TLS with a self-signed certificate for a name (other modules' planes serve plaintext)."""
+    from test_data_plane_security import self_signed
+
     path, _ = ckpt
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"), "raymoe-experts")
     local = LLM(path, expert_backend="local")
     distributed = LLM(path, expert_backend="ray", num_shards=2, replicas_per_shard=2, expert_num_cpus=0.1,
-                      max_message_bytes=MAX_MESSAGE)
+                      max_message_bytes=MAX_MESSAGE, data_plane_tls_cert=cert, data_plane_tls_key=key,
+                      data_plane_tls_ca=cert, data_plane_tls_server_name="raymoe-experts")
     yield local, distributed
     distributed.shutdown()
     assert distributed.experts.app_name not in DirectoryClient().app_names()
@@ -55,10 +60,15 @@ def entries(llm: LLM) -> list[dict]:
     return DirectoryClient(llm.experts.app_name).replicas()
 
 
-def rpc(address: str, method: str, response_cls):
-    """A call of `method` as a router makes it: with the data-plane token."""
-    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
-    call = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
+def channel_to(entry: dict) -> grpc.Channel:
+    """A channel to the replica of a directory entry, TLS as it registered."""
+    return replica_channel(entry["address"], ClientTLS.from_entry(entry), [("grpc.max_send_message_length", 64 << 20)],
+                           aio=False)
+
+
+def rpc(entry: dict, method: str, response_cls):
+    """A call of `method` as a router makes it: TLS as the replica registered, with the data-plane token."""
+    call = channel_to(entry).unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
                                response_deserializer=response_cls.FromString)
     return functools.partial(call, metadata=call_metadata(os.environ[TOKEN_ENV]))
 
@@ -245,7 +255,7 @@ def test_replicas_hold_only_their_share(llms, ckpt):
     found = entries(distributed)
     assert sorted(e["shard"] for e in found) == [0, 0, 1, 1]
     for e in found:
-        info = rpc(e["address"], "Info", expert_pb2.InfoResponse)(b"")
+        info = rpc(e, "Info", expert_pb2.InfoResponse)(b"")
         share = [(l, x) for l in range(a.n_layers) for x in range(a.n_experts) if x % 2 == info.shard]
         assert sorted((p.layer, p.expert) for p in info.pairs) == share
         assert info.bytes_loaded == len(share) * expert_bytes  # half of all expert weights, nothing else
@@ -255,7 +265,7 @@ def test_replicas_hold_only_their_share(llms, ckpt):
 def test_malformed_requests_get_invalid_argument(llms, ckpt):
     _, distributed = llms
     entry = next(e for e in entries(distributed) if e["shard"] == 0)  # experts 0 and 2 of every layer
-    forward = rpc(entry["address"], "Forward", expert_pb2.ForwardResponse)
+    forward = rpc(entry, "Forward", expert_pb2.ForwardResponse)
     x = torch.randn(3, 64)
     ids = torch.tensor([[0, -1], [2, 0], [-1, 2]], dtype=torch.int32)
     w = torch.rand(3, 2)
@@ -302,7 +312,7 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "expert 1 of layer 1 is not held by shard 0" in err.value.details()
     check_still_serving()
-    echo = rpc(entry["address"], "Echo", expert_pb2.EchoResponse)
+    echo = rpc(entry, "Echo", expert_pb2.EchoResponse)
     with pytest.raises(grpc.RpcError) as err:
         echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=-1).SerializeToString())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -310,22 +320,22 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
     with pytest.raises(grpc.RpcError) as err:  # a reply bigger than its request: no amplification
         echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=2).SerializeToString())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    with grpc.insecure_channel(entry["address"]) as channel:
+    with channel_to(entry) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_deployed_replicas_refuse_calls_without_the_token(llms):
     """The plane's replicas got the driver's token through their deployment: a call without it, or with
-    another, is UNAUTHENTICATED and runs no expert math; the health service needs none."""
+    another, is UNAUTHENTICATED and runs no expert math; the health service needs none, but TLS."""
     _, distributed = llms
     entry = next(e for e in entries(distributed) if e["shard"] == 0)
     x, ids, w = torch.randn(3, 64), torch.tensor([[0, 2]] * 3, dtype=torch.int32), torch.full((3, 2), 0.5)
     raw = expert_pb2.ForwardRequest(layer=1, hidden=to_wire(x), expert_ids=to_wire(ids),
                                     weights=to_wire(w)).SerializeToString()
-    info = rpc(entry["address"], "Info", expert_pb2.InfoResponse)
+    info = rpc(entry, "Info", expert_pb2.InfoResponse)
     before = info(b"", timeout=10).calls
-    with grpc.insecure_channel(entry["address"]) as channel:
+    with channel_to(entry) as channel:
         forward = channel.unary_unary(f"/{SERVICE}/Forward", request_serializer=lambda b: b,
                                       response_deserializer=expert_pb2.ForwardResponse.FromString)
         for metadata in [(), call_metadata("not-the-token")]:
@@ -334,8 +344,13 @@ def test_deployed_replicas_refuse_calls_without_the_token(llms):
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
+    assert entry["tls"] and entry["tls_server_name"] == "raymoe-experts"
+    with grpc.insecure_channel(entry["address"]) as plaintext:  # this plane serves TLS only
+        with pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(plaintext).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert info(b"", timeout=10).calls == before
-    assert len(rpc(entry["address"], "Forward", expert_pb2.ForwardResponse)(raw, timeout=10).output.data) == 3 * 64 * 4
+    assert len(rpc(entry, "Forward", expert_pb2.ForwardResponse)(raw, timeout=10).output.data) == 3 * 64 * 4
 
 
 def test_connect_experts_by_app_name(llms, ckpt):
@@ -417,7 +432,7 @@ class KillReplicaAt(ExpertBackend):
             self.killed = next(e for e in DirectoryClient(self.app).replicas()
                                if e["replica_id"] == rep.replica_id)
             ray.kill(ray.get_actor(self.killed["actor_name"], namespace="serve"), no_restart=True)
-            info = rpc(rep.address, "Info", expert_pb2.InfoResponse)
+            info = rpc(self.killed, "Info", expert_pb2.InfoResponse)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 try:
