@@ -16,7 +16,7 @@ from experts.replica import SERVICE, ExpertServicer, GrpcServer
 from experts.security import TOKEN_METADATA, ClientTLS, ReplicaSecurity, call_metadata, replica_channel
 from experts.wire import grpc_options, to_wire
 from protos import expert_pb2
-from router.grpc_dispatch import GrpcExperts, ShardUnavailable
+from router.grpc_dispatch import ExpertDispatchError, GrpcExperts, ShardUnavailable
 
 DIM, HIDDEN, LAYERS, N_EXPERTS = 32, 64, 2, 4
 LIMIT = 64 << 10  # a small message limit, so that messages over it are cheap to make
@@ -125,7 +125,7 @@ def test_the_router_sends_its_token_and_a_wrong_one_fails_clearly(replica):
             if ok:
                 assert torch.allclose(backend.forward(1, x, ids, w), EXPERTS.forward(1, x, ids, w), atol=1e-6)
             else:  # not a passing fault: no retry, and the status says why
-                with pytest.raises(Exception, match="UNAUTHENTICATED"):
+                with pytest.raises(ExpertDispatchError, match="refused layer 1: UNAUTHENTICATED"):
                     backend.forward(1, x, ids, w)
         finally:
             backend.close()
