@@ -74,26 +74,23 @@ def echo_requests(msgs: list) -> list[expert_pb2.EchoRequest]:
 class DirectCalls:
     """The bench's own grpc.aio channels to the replicas a GrpcExperts sends a layer's messages to: Echo
     (the transport floor) and Forward (whose replies carry the replicas' compute time), made the way the
-    dispatcher makes them, all in flight at once."""
+    dispatcher makes them (its TLS, token and message limit), all in flight at once."""
 
-    def __init__(self, experts, addresses: list[str]):
-        import grpc
-
-        from experts.wire import grpc_options
+    def __init__(self, experts, replicas: list):
         from protos import expert_pb2_grpc
 
         self.loop = asyncio.new_event_loop()
-        self.addresses = addresses
+        self.addresses = [r.address for r in replicas]
+        self.metadata = experts.metadata
 
         async def connect():
-            chans = {a: grpc.aio.insecure_channel(a, options=grpc_options(experts.max_message_bytes))
-                     for a in set(self.addresses)}
+            chans = {r.address: experts.open_channel(r) for r in replicas}
             return chans, {a: expert_pb2_grpc.ExpertServiceStub(c) for a, c in chans.items()}
         self.channels, self.stubs = self.loop.run_until_complete(connect())
 
     def _all(self, method: str, requests: list):
         async def calls():
-            return await asyncio.gather(*[getattr(self.stubs[a], method)(r, timeout=30)
+            return await asyncio.gather(*[getattr(self.stubs[a], method)(r, timeout=30, metadata=self.metadata)
                                           for a, r in zip(self.addresses, requests, strict=True)])
         return self.loop.run_until_complete(calls())
 
@@ -107,15 +104,16 @@ class DirectCalls:
     def forward_copies(self, requests: list[expert_pb2.ForwardRequest], copies: int) -> None:
         """`copies` of every request in flight at once: as many callers sending the same layer."""
         async def calls():
-            await asyncio.gather(*[self.stubs[a].Forward(r, timeout=30) for _ in range(copies)
+            await asyncio.gather(*[self.stubs[a].Forward(r, timeout=30, metadata=self.metadata) for _ in range(copies)
                                    for a, r in zip(self.addresses, requests, strict=True)])
         self.loop.run_until_complete(calls())
 
     def merge_counts(self) -> tuple[int, int]:
         """(Forward calls, runs of expert math) since they started, summed over the replicas."""
         async def infos():
-            return await asyncio.gather(*[self.stubs[a].Info(expert_pb2.InfoRequest(), timeout=30)
-                                          for a in set(self.addresses)])
+            return await asyncio.gather(*[
+                self.stubs[a].Info(expert_pb2.InfoRequest(), timeout=30, metadata=self.metadata)
+                for a in set(self.addresses)])
         got = self.loop.run_until_complete(infos())
         return sum(i.calls for i in got), sum(i.math_batches for i in got)
 
@@ -149,7 +147,7 @@ def bench_latency(args: DispatchBenchOptions, tmp: Path) -> None:
                 top = torch.randn(n, 8, generator=g).topk(2)
                 weights, ids = torch.softmax(top.values, -1), top.indices
                 msgs = grpc_experts.requests(0, x, ids, weights)
-                direct = DirectCalls(grpc_experts, [rep.address for _, rep, _, _ in msgs])
+                direct = DirectCalls(grpc_experts, [rep for _, rep, _, _ in msgs])
                 echoes = echo_requests(msgs)
                 fwd, echo, math = [], [], []
                 try:
@@ -186,7 +184,7 @@ def bench_latency(args: DispatchBenchOptions, tmp: Path) -> None:
 def bench_callers(args: DispatchBenchOptions, hidden: int, n: int, grpc_experts, msgs: list) -> list[str]:
     """Per C in args.callers: rounds of C copies of the layer's Forward messages in flight at once."""
     rows, base = [], None
-    direct = DirectCalls(grpc_experts, [rep.address for _, rep, _, _ in msgs])
+    direct = DirectCalls(grpc_experts, [rep for _, rep, _, _ in msgs])
     requests = [req for _, _, _, req in msgs]
     try:
         for c in args.callers:

@@ -11,6 +11,7 @@ import time
 
 from checkpoint.bundled import resolve_model
 from checkpoint.reader import Checkpoint
+from cluster.plane_token import give_token
 from cluster.ray_init import remove_apps, start_or_join_ray, start_serve
 from cluster.serve_config import serve_config
 from router.config import EngineConfig, ExpertPlaneConfig
@@ -33,13 +34,18 @@ def apply(applications: list[dict], timeout_s: float = 300.0) -> None:
     RayService take, beside the apps already deployed that way; wait until they run.
 
     A change to one deployment's options (a shard's num_replicas) is then a lightweight update of that
-    deployment; only a change to an app's code or args rebuilds the app.
+    deployment; only a change to an app's code or args rebuilds the app. A new app gets a data-plane token in
+    its runtime_env; a running one keeps its own (cluster.plane_token).
     """
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     client = _get_global_client()
-    apps = deployed_configs() | {app["name"]: app for app in applications}
+    deployed = deployed_configs()
+    applications = copy.deepcopy(applications)
+    for app in applications:
+        give_token(app, deployed.get(app["name"]))
+    apps = deployed | {app["name"]: app for app in applications}
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
     deadline = time.monotonic() + timeout_s
     for app in applications:

@@ -29,6 +29,7 @@ import numpy as np
 import ray
 
 from cluster.autoscaling import ROUTER_LOAD_KEY
+from experts.security import ClientTLS, replica_channel
 
 log = logging.getLogger(__name__)
 
@@ -152,20 +153,21 @@ class ReplicaDirectory:
             if e["address"] == address and e.get("state") == "serving":
                 e["state"] = "suspect"
                 self._changed()
-                asyncio.get_running_loop().create_task(self._probe(app, rid, address))
+                asyncio.get_running_loop().create_task(self._probe(app, rid, address, ClientTLS.from_entry(e)))
 
-    async def _probe(self, app: str, replica_id: str, address: str) -> None:
+    async def _probe(self, app: str, replica_id: str, address: str, tls: ClientTLS | None) -> None:
+        """The health service needs no data-plane token (as Kubernetes probes carry none), but TLS if served."""
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         serving = False
         try:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with replica_channel(address, tls) as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                                          timeout=PROBE_TIMEOUT_S)
                 serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as e:  # every call slot taken: it answered, busy rather than gone
+            serving = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         entry = self.apps.get(app, {}).get(replica_id)
         if entry is None or entry.get("state") != "suspect":
             return

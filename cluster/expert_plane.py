@@ -3,6 +3,7 @@ the "ray" expert backend that `LLM(..., expert_backend="ray")` gets through the 
 
 import json
 import logging
+import os
 import uuid
 import zlib
 
@@ -15,8 +16,10 @@ from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient
 from cluster.placement import PlacementPlan
 from cluster.plane_ingress import ExpertPlane
+from cluster.plane_token import TOKEN_ENV, app_token, env_token, new_token
 from cluster.ray_init import fit_cpus, remove_apps, start_or_join_ray, start_serve
-from experts.replica import ExpertShard
+from experts.replica import MAX_CONCURRENT_RPCS, ExpertShard
+from experts.security import ClientTLS, ReplicaSecurity
 from experts.wire import WIRE_NAMES
 from router.config import ExpertPlaneConfig
 from router.dispatch import ExpertBackend
@@ -57,14 +60,24 @@ def autoscaling_policy(plane: ExpertPlaneConfig) -> dict | None:
             "policy_kwargs": {"target_busy": plane.target_busy, "max_total_replicas": plane.max_total_replicas}}
 
 
-def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserved_cpus: float = 0.0
-                       ) -> serve.Application:
+def replica_security(plane: ExpertPlaneConfig, token: str) -> ReplicaSecurity:
+    client = None
+    if plane.data_plane_tls_cert:
+        client = ClientTLS(plane.data_plane_tls_ca, plane.data_plane_tls_server_name)
+    return ReplicaSecurity(token, plane.data_plane_tls_cert, plane.data_plane_tls_key, client)
+
+
+def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserved_cpus: float = 0.0,
+                       token: str | None = None) -> serve.Application:
     """ExpertPlane bound to one ExpertShard-<i> deployment per shard of the plan.
 
     Replicas get plane.num_gpus GPUs and plane.expert_num_cpus CPUs each; without a CPU count, 0.1 with
     GPUs, else 1 fitted to the cluster's free CPUs less `reserved_cpus` (what deploys beside them).
+    token: the data-plane token the replicas require (default: the app's, from the environment it is built
+    in); bound into the deployments' args, so that every replica Serve starts or restarts has the same one.
     """
     parse_dtype(dtype)
+    security = replica_security(plane, token or env_token())
     a = Checkpoint(model).args
     plan = placement_plan(plane, a.n_layers, a.n_experts)
     num_cpus = plane.expert_num_cpus
@@ -80,7 +93,8 @@ def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserve
     shards = [
         ExpertShard.options(name=f"ExpertShard-{i}", ray_actor_options=actor_options,
                             **shard_options(plane, shard.replicas))
-        .bind(str(model), dtype, i, pairs, len(plan.shards), registry, plane.max_message_bytes, plan_id)
+        .bind(str(model), dtype, i, pairs, len(plan.shards), registry, plane.max_message_bytes, plan_id, security,
+              plane.max_concurrent_rpcs or MAX_CONCURRENT_RPCS)
         for i, (shard, pairs) in enumerate(zip(plan.shards, sets, strict=True))
     ]
     return ExpertPlane.bind(plane.rebalance_interval_s, plane.redundant_experts, *shards)
@@ -105,11 +119,12 @@ def current_app_name() -> str | None:
 
 
 def connect_experts(ckpt: Checkpoint, dtype: torch.dtype, app_name: str | None = None, *,
-                    timeout_s: float = 300.0, call_timeout_s: float = ExpertPlaneConfig.call_timeout_s
-                    ) -> ExpertBackend:
+                    timeout_s: float = 300.0, call_timeout_s: float = ExpertPlaneConfig.call_timeout_s,
+                    token: str | None = None) -> ExpertBackend:
     """The gRPC backend to the expert plane `app_name`, once every shard has a live replica.
 
-    app_name defaults to the caller's own Serve application, else to the only plane in the cluster.
+    app_name defaults to the caller's own Serve application, else to the only plane in the cluster; token
+    to the app's (cluster.plane_token.app_token). TLS is as the replicas registered it.
     """
     directory = DirectoryClient()
     if app_name is None:
@@ -126,7 +141,8 @@ def connect_experts(ckpt: Checkpoint, dtype: torch.dtype, app_name: str | None =
     if bad:
         raise ValueError(f"expert plane {app_name!r} serves {sorted(bad)} experts, this router runs {want}")
     a = ckpt.args
-    return GrpcExperts(directory, a.n_layers, a.n_experts, timeout_s=call_timeout_s)
+    return GrpcExperts(directory, a.n_layers, a.n_experts, timeout_s=call_timeout_s,
+                       token=token or app_token(app_name))
 
 
 class RayExperts(ExpertBackend):
@@ -156,17 +172,19 @@ class RayExperts(ExpertBackend):
 
 def ray_expert_backend(plane: ExpertPlaneConfig, ckpt: Checkpoint, dtype: torch.dtype) -> ExpertBackend:
     """`LLM(..., expert_backend="ray")`: start or join Ray, deploy the experts as a Serve application of
-    their own, and return the gRPC backend to it."""
+    their own, and return the gRPC backend to it. Its data-plane token is $RAYMOE_DATA_PLANE_TOKEN, else a
+    new one that only this process and the plane's replicas know."""
     placement_plan(plane, ckpt.args.n_layers, ckpt.args.n_experts)  # a bad plan fails before Ray starts
     started_ray = start_or_join_ray()
     started_serve = False
     name = f"raymoe-experts-{uuid.uuid4().hex[:8]}"
     try:
-        app = build_expert_plane(str(ckpt.path), WIRE_NAMES[dtype], plane)
+        token = os.environ.get(TOKEN_ENV) or new_token()
+        app = build_expert_plane(str(ckpt.path), WIRE_NAMES[dtype], plane, token=token)
         started_serve = start_serve()
         serve.run(app, name=name, route_prefix=None)
         log.info("expert plane %r is up", name)
-        backend = connect_experts(ckpt, dtype, name, call_timeout_s=plane.call_timeout_s)
+        backend = connect_experts(ckpt, dtype, name, call_timeout_s=plane.call_timeout_s, token=token)
         return RayExperts(backend, name, started_serve, started_ray)
     except BaseException:
         remove_apps([name], started_serve, started_ray)

@@ -6,20 +6,32 @@ import grpc
 
 from cluster.autoscaling import decisions, router_load, router_shares
 from cluster.directory import DirectoryClient
+from cluster.plane_token import app_token
 from cluster.rebalance import current_placement, describe_pairs
 from experts.replica import SERVICE
+from experts.security import ClientTLS, call_metadata, replica_channel
 from protos import expert_pb2
 
 INFO_TIMEOUT_S = 2.0
 
 
-def replica_info(address: str) -> expert_pb2.InfoResponse | None:
+def replica_info(entry: dict, token: str | None) -> expert_pb2.InfoResponse | None:
+    """The replica's own Info (None if it does not answer, or the data-plane token is unknown here)."""
+    if token is None:
+        return None
     try:
-        with grpc.insecure_channel(address) as channel:
+        with replica_channel(entry["address"], ClientTLS.from_entry(entry), aio=False) as channel:
             call = channel.unary_unary(f"/{SERVICE}/Info", request_serializer=lambda b: b,
                                        response_deserializer=expert_pb2.InfoResponse.FromString)
-            return call(b"", timeout=INFO_TIMEOUT_S)
+            return call(b"", timeout=INFO_TIMEOUT_S, metadata=call_metadata(token))
     except grpc.RpcError:
+        return None
+
+
+def known_token(app: str) -> str | None:
+    try:
+        return app_token(app)
+    except ValueError:
         return None
 
 
@@ -38,6 +50,7 @@ def plane_status(app: str) -> dict:
     from ray.serve.context import _get_global_client
 
     snap = DirectoryClient(app).snapshot()
+    token = known_token(app)
     details = _get_global_client().get_serve_details().get("applications", {}).get(app)
     if details is None and not snap["replicas"]:
         raise ValueError(f"no expert plane {app!r} in this cluster")
@@ -51,12 +64,13 @@ def plane_status(app: str) -> dict:
     registered = set()
     for e in sorted(snap["replicas"], key=lambda e: (e["shard"], e["replica_id"])):
         registered.add(e["replica_id"])
-        info = replica_info(e["address"])
+        info = replica_info(e, token)
         held = [list(p) for p in pairs.get(e["shard"], [])]
         shard = shards.setdefault(e["shard"], {"shard": e["shard"], "pairs": held, "replicas": []})
         shard["replicas"].append({
             "replica_id": e["replica_id"], "address": e["address"], "node_id": e.get("node_id"),
-            "state": e.get("state", "serving") if info is not None else "unreachable",
+            # Without the token (a plane deployed by another process's LLM) Info is not asked: no news is not "down".
+            "state": e.get("state", "serving") if info is not None or token is None else "unreachable",
             "busy": info.busy if info is not None else None,
             "tokens": {f"{p.layer}.{p.expert}": p.tokens for p in info.load} if info is not None else {}})
     for name, dep in (details or {}).get("deployments", {}).items():

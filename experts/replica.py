@@ -27,6 +27,7 @@ from experts.coalesce import Coalescer
 from experts.ffn import ExpertSet
 from experts.holdings import DRAIN_VIEW_S, Holdings
 from experts.load import LoadMeter, LoadReport
+from experts.security import ReplicaSecurity, replica_channel
 from experts.wire import WIRE_NAMES, WireError, from_wire, grpc_options, to_wire
 from protos import expert_pb2
 
@@ -47,6 +48,9 @@ class Registry(Protocol):
 
 REPORT_EVERY_S = 0.2
 DRAIN_MAX_S = 10.0  # within Serve's graceful_shutdown_timeout_s
+# Calls served at once: far above what routers send (one per layer per micro-batch each), far below what
+# would exhaust the replica's memory with queued messages.
+MAX_CONCURRENT_RPCS = 256
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 
 
@@ -67,16 +71,16 @@ class Job:
 class ExpertServicer:
     """ExpertService: validates every request against what this replica holds, then runs the experts.
 
-    Requests arrive as raw bytes, so the size limit is checked before parsing and bytes that are
+    Requests arrive as raw bytes (the transport has refused any over the message limit), so bytes that are
     not a message get INVALID_ARGUMENT too. A pair of the model this replica does not hold (now) gets
     FAILED_PRECONDITION: the placement moved it, and the router should re-read where it went.
     Valid calls of one layer that wait together run as one batch on the math thread (experts.coalesce).
     """
 
     def __init__(self, experts: ExpertSet, dim: int, n_layers: int, n_experts: int, dtype: torch.dtype,
-                 max_message_bytes: int, info: expert_pb2.InfoResponse, device: torch.device):
+                 info: expert_pb2.InfoResponse, device: torch.device):
         self.dim, self.n_layers, self.n_experts, self.dtype = dim, n_layers, n_experts, dtype
-        self.max_message_bytes, self.info, self.device = max_message_bytes, info, device
+        self.info, self.device = info, device
         self.coalescer: Coalescer[Job, tuple[torch.Tensor, int]] = Coalescer(self.run_batch)
         self.load = LoadMeter(experts.pairs, queued=lambda: self.coalescer.waiting)
         self.set_experts(experts)
@@ -107,9 +111,6 @@ class ExpertServicer:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
     def decode(self, raw: bytes, cls):
-        if len(raw) > self.max_message_bytes:
-            raise WireError(f"message of {len(raw)} bytes exceeds this replica's limit of "
-                            f"{self.max_message_bytes}")
         try:
             return cls.FromString(raw)
         except DecodeError as e:
@@ -211,8 +212,10 @@ class ExpertServicer:
     async def Echo(self, raw: bytes, context):
         try:
             req = self.decode(raw, expert_pb2.EchoRequest)
-            if not 0 <= req.reply_bytes <= self.max_message_bytes:
-                raise WireError(f"reply_bytes {req.reply_bytes} is outside [0, {self.max_message_bytes}]")
+            # No bigger than what came in: a small request must not buy a large reply.
+            if not 0 <= req.reply_bytes <= len(req.payload):
+                raise WireError(f"reply_bytes {req.reply_bytes} is outside [0, {len(req.payload)}] (the payload's "
+                                "size: a reply is no bigger than its request)")
         except WireError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         payload = req.payload
@@ -238,26 +241,37 @@ def merge(jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, in
 
 
 class GrpcServer:
-    """A grpc.aio server on an event loop of its own thread, apart from Serve's loops."""
+    """A grpc.aio server on an event loop of its own thread, apart from Serve's loops.
 
-    def __init__(self, servicer: ExpertServicer, host: str, max_message_bytes: int):
+    security: the token every call but the health service's must carry, and TLS (default: neither, for
+    in-process tests; a deployed replica always has a token). max_concurrent_rpcs: calls served at once,
+    more get RESOURCE_EXHAUSTED at once (None: unbounded)."""
+
+    def __init__(self, servicer: ExpertServicer, host: str, max_message_bytes: int,
+                 security: ReplicaSecurity | None = None, max_concurrent_rpcs: int | None = None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="expert-grpc", daemon=True)
         self.thread.start()
         self.server, port = asyncio.run_coroutine_threadsafe(
-            self._start(servicer, host, max_message_bytes), self.loop).result()
+            self._start(servicer, host, max_message_bytes, security or ReplicaSecurity(), max_concurrent_rpcs),
+            self.loop).result()
         self.address = f"{host}:{port}"
 
     @staticmethod
-    async def _start(servicer: ExpertServicer, host: str, max_message_bytes: int):
-        server = grpc.aio.server(options=grpc_options(max_message_bytes))
+    async def _start(servicer: ExpertServicer, host: str, max_message_bytes: int, security: ReplicaSecurity,
+                     max_concurrent_rpcs: int | None):
+        server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=security.interceptors(),
+                                 maximum_concurrent_rpcs=max_concurrent_rpcs)
         servicer.add_to_server(server)
         # The standard health service, so grpc_health_probe and load balancers can check replicas too.
         checker = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checker, server)
         for name in ("", SERVICE):
             await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
-        port = server.add_insecure_port(f"{host}:0")
+        if security.tls:
+            port = server.add_secure_port(f"{host}:0", security.server_credentials())
+        else:
+            port = server.add_insecure_port(f"{host}:0")
         await server.start()
         return server, port
 
@@ -303,10 +317,15 @@ class ExpertShard:
     """Holds the weights of one shard's (layer, expert) pairs, read from the checkpoint one by one."""
 
     def __init__(self, model: str, dtype: str, shard: int, pairs: list[tuple[int, int]], num_shards: int,
-                 registry: Registry, max_message_bytes: int, plan_id: str = ""):
-        """pairs: what the deployed plan (plan_id) gives this shard, until a rebalance gives it others."""
+                 registry: Registry, max_message_bytes: int, plan_id: str, security: ReplicaSecurity,
+                 max_concurrent_rpcs: int):
+        """pairs: what the deployed plan (plan_id) gives this shard, until a rebalance gives it others.
+        security: the application's data-plane token (required) and TLS."""
         import ray
 
+        if not security.token:
+            raise ValueError("an expert replica needs its application's data-plane token")
+        self.security, self.max_concurrent_rpcs = security, max_concurrent_rpcs
         ctx = serve.get_replica_context()
         self.app, self.replica_id = ctx.app_name, ctx.replica_id.unique_id
         self.registry = registry
@@ -322,6 +341,9 @@ class ExpertShard:
                           replica_id=self.replica_id, actor_name=ray.get_runtime_context().get_actor_name(),
                           dtype=dtype, max_message_bytes=max_message_bytes,
                           node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid())
+        tls = security.client_tls()
+        if tls is not None:  # callers learn from the directory how to check this replica's certificate
+            self.entry.update(tls.to_entry())
         self.info = expert_pb2.InfoResponse(app=self.app, shard=shard, replica_id=self.replica_id,
                                              max_message_bytes=max_message_bytes, dtype=WIRE_NAMES[torch_dtype],
                                              dim=a.dim)
@@ -337,11 +359,12 @@ class ExpertShard:
         self.info.bytes_loaded = self.holdings.ckpt.bytes_loaded  # read from disk so far: only what it held
         if self.servicer is None:  # the first set: start the server on it
             a = self.holdings.ckpt.args
-            self.servicer = ExpertServicer(experts, a.dim, a.n_layers, a.n_experts, self.holdings.dtype,
-                                           self.entry["max_message_bytes"], self.info, self.holdings.device)
-            self.server = GrpcServer(self.servicer, ray.util.get_node_ip_address(), self.entry["max_message_bytes"])
+            self.servicer = ExpertServicer(experts, a.dim, a.n_layers, a.n_experts, self.holdings.dtype, self.info,
+                                           self.holdings.device)
+            self.server = GrpcServer(self.servicer, ray.util.get_node_ip_address(), self.entry["max_message_bytes"],
+                                     self.security, self.max_concurrent_rpcs)
             self.metrics = ReplicaMetrics(self.entry["shard"])
-            self.channel = grpc.insecure_channel(self.server.address)
+            self.channel = replica_channel(self.server.address, self.security.client_tls(), aio=False)
             self.health = health_pb2_grpc.HealthStub(self.channel)
             self.entry["address"] = self.server.address
         else:
@@ -351,7 +374,12 @@ class ExpertShard:
 
     def check_health(self) -> None:
         """Serve's health check: the gRPC server answers; re-registering heals a router's false alarm."""
-        status = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status
+        try:
+            status = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            status = health_pb2.HealthCheckResponse.SERVING  # every call slot taken: busy, not broken
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"expert gRPC server at {self.server.address} reports {status}")
         self.registry.register(self.entry)

@@ -11,9 +11,6 @@ from protos import expert_pb2
 
 WIRE_DTYPES = {**DTYPES, "int32": torch.int32}
 WIRE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
-# The transport accepts this many times a replica's message limit, so that messages a little over
-# the limit reach the handler and get INVALID_ARGUMENT with a reason rather than RESOURCE_EXHAUSTED.
-TRANSPORT_SLACK = 4
 
 if sys.byteorder != "little":
     raise ImportError("raymoe's wire format is little-endian; big-endian hosts are not supported")
@@ -27,8 +24,10 @@ class WireError(ValueError):
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    limit = max_message_bytes * TRANSPORT_SLACK
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    """The same limit both ways, on router and replica alike: the transport refuses a bigger message with
+    RESOURCE_EXHAUSTED before any of it reaches Python."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 def to_wire(t: torch.Tensor) -> expert_pb2.Tensor:

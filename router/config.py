@@ -72,6 +72,19 @@ class ExpertPlaneConfig:
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest gRPC message between router and replica (2048 tokens of dim 4096 in float32: 32 MiB)"})
     call_timeout_s: float = field(default=10.0, metadata={"help": "deadline of each router-to-replica call"})
+    max_concurrent_rpcs: int | None = field(default=None, metadata={
+        "help": "gRPC calls an expert replica serves at once; more get RESOURCE_EXHAUSTED, and routers send them "
+                "to another replica (default: 256)"})
+    data_plane_tls_cert: str | None = field(default=None, metadata={
+        "help": "expert replicas serve gRPC over TLS with this certificate chain (PEM path, mounted on every "
+                "node; default: plaintext, the data-plane token still required)"})
+    data_plane_tls_key: str | None = field(default=None, metadata={
+        "help": "the private key of --data-plane-tls-cert (PEM path)"})
+    data_plane_tls_ca: str | None = field(default=None, metadata={
+        "help": "routers verify replicas' certificates against this CA certificate (PEM path; default: the "
+                "system's roots)"})
+    data_plane_tls_server_name: str | None = field(default=None, metadata={
+        "help": "the name replicas' certificate is issued for (default: the replica's IP address)"})
 
     def __post_init__(self):
         if self.expert_backend not in EXPERT_BACKENDS:
@@ -87,6 +100,12 @@ class ExpertPlaneConfig:
             raise ValueError(f"rebalance_interval_s must be > 0, got {self.rebalance_interval_s}")
         if self.redundant_experts is not None and self.redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if (self.data_plane_tls_cert is None) != (self.data_plane_tls_key is None):
+            raise ValueError("data_plane_tls_cert and data_plane_tls_key go together")
+        if self.data_plane_tls_cert is None and (self.data_plane_tls_ca or self.data_plane_tls_server_name):
+            raise ValueError("data_plane_tls_ca and data_plane_tls_server_name need data_plane_tls_cert")
         if self.num_gpus < 0 or (self.expert_num_cpus is not None and self.expert_num_cpus <= 0):
             raise ValueError(f"num_gpus must be >= 0 and expert_num_cpus > 0, got {self.num_gpus} and "
                              f"{self.expert_num_cpus}")

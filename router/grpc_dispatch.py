@@ -33,13 +33,18 @@ import grpc
 import numpy as np
 import torch
 
-from experts.wire import WIRE_NAMES, array_to_wire, from_wire, grpc_options, raw_rows
+from experts.security import ClientTLS, call_metadata, replica_channel
+from experts.wire import WIRE_NAMES, WireError, array_to_wire, from_wire, grpc_options, raw_rows
 from protos import expert_pb2, expert_pb2_grpc
 from router.dispatch import ExpertBackend, ExpertsUnavailable
 
 log = logging.getLogger(__name__)
 
-RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# RESOURCE_EXHAUSTED: the replica serves its most concurrent calls already (or a message overflowed a limit,
+# which the router's own limit, the replicas' smallest, rules out): another replica may have room. The
+# replica is busy, not broken: this router leaves it alone a while but reports no failure.
+BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED
+RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, BUSY}
 STALE_RETRIES = 5  # re-reads of the placement after a replica says it no longer holds a pair
 
 
@@ -53,6 +58,24 @@ class ShardUnavailable(ExpertDispatchError, ExpertsUnavailable):
     def __init__(self, shard: int, why: str):
         super().__init__(f"expert shard {shard} has no replica that answers: {why}")
         self.shard = shard
+
+
+class BadReply(ExpertDispatchError):
+    """A reply that does not answer its request (rows, width, dtype or bytes): the replica is treated as failed."""
+
+
+def reply_output(reply: expert_pb2.ForwardResponse, req: expert_pb2.ForwardRequest, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """The reply's (N, dim) output, checked against the request's N tokens of width dim: a wrong row count
+    would otherwise broadcast into, or be dropped from, the tokens' sums."""
+    want = list(req.hidden.shape)
+    try:
+        out = from_wire(reply.output, "output", dtype, ndim=2)
+    except WireError as e:
+        raise BadReply(str(e)) from None
+    if list(out.shape) != want:
+        raise BadReply(f"output: shape {list(out.shape)} for a request of shape {want}")
+    return out
 
 
 class StalePlacement(ExpertDispatchError):
@@ -80,6 +103,7 @@ class Replica:
     replica_id: str
     address: str
     seed: int  # of the replica's hash stream: where the sequences it ranks first are
+    tls: ClientTLS | None = None  # how to check its certificate; None: plaintext
 
 
 @dataclass(frozen=True)
@@ -201,10 +225,13 @@ class GrpcExperts(ExpertBackend):
     overlaps_calls = True  # a round trip per layer: worth hiding behind the other micro-batch's attention
 
     def __init__(self, source: ReplicaSource, n_layers: int, n_experts: int, *, timeout_s: float = 10.0,
-                 refresh_s: float = 1.0, suspect_s: float = 2.0, max_message_bytes: int | None = None):
+                 refresh_s: float = 1.0, suspect_s: float = 2.0, max_message_bytes: int | None = None,
+                 token: str | None = None):
         """timeout_s: deadline of each call; refresh_s: how often the view is re-read from the source;
-        suspect_s: how long a replica that failed is left out by this router before it is tried again."""
+        suspect_s: how long a replica that failed is left out by this router before it is tried again;
+        token: the application's data-plane token, sent with every call."""
         self.source, self.timeout_s, self.suspect_s = source, timeout_s, suspect_s
+        self.metadata = call_metadata(token)
         self.n_layers, self.n_experts = n_layers, n_experts
         view = source.view()
         entries = view["replicas"]
@@ -239,7 +266,7 @@ class GrpcExperts(ExpertBackend):
         replicas: dict[int, list[Replica]] = {}
         for e in sorted(ready, key=lambda e: e["replica_id"]):
             replicas.setdefault(e["shard"], []).append(
-                Replica(e["replica_id"], e["address"], zlib.crc32(e["replica_id"].encode())))
+                Replica(e["replica_id"], e["address"], zlib.crc32(e["replica_id"].encode()), ClientTLS.from_entry(e)))
         if old is not None and old.version == version and version:
             return Routing(version, old.holders, old.n_holders, replicas)
         try:
@@ -301,9 +328,12 @@ class GrpcExperts(ExpertBackend):
         """Shards with no replica this router would call now (for /health)."""
         return sorted(s for s in range(self.num_shards) if not self.live(s))
 
-    def _suspect(self, rep: Replica, shard: int, why: str) -> None:
+    def _suspect(self, rep: Replica, shard: int, why: str, report: bool = True) -> None:
+        """Leave `rep` out for suspect_s; report it to the directory (which re-checks it) unless it is only busy."""
         log.warning("expert replica %s (shard %d) suspect for %.1fs: %s", rep.address, shard, self.suspect_s, why)
         self.suspect[rep.replica_id] = time.monotonic() + self.suspect_s
+        if not report:
+            return
         chan = self._channels.pop(rep.address, None)
         if chan is not None:
             self._loop.create_task(chan[0].close())
@@ -312,12 +342,16 @@ class GrpcExperts(ExpertBackend):
         except Exception as e:  # the retry matters more than the report
             log.warning("could not report %s to the directory: %r", rep.address, e)
 
-    def _stub(self, address: str) -> expert_pb2_grpc.ExpertServiceStub:
+    def open_channel(self, rep: Replica) -> grpc.aio.Channel:
+        """A channel to `rep` as this router's own: TLS as it registered, this router's message limit."""
+        return replica_channel(rep.address, rep.tls, grpc_options(self.max_message_bytes))
+
+    def _stub(self, rep: Replica) -> expert_pb2_grpc.ExpertServiceStub:
         """Only on the private loop: aio channels belong to the loop that made them."""
-        chan = self._channels.get(address)
+        chan = self._channels.get(rep.address)
         if chan is None:
-            channel = grpc.aio.insecure_channel(address, options=grpc_options(self.max_message_bytes))
-            chan = self._channels[address] = (channel, expert_pb2_grpc.ExpertServiceStub(channel))
+            ch = self.open_channel(rep)
+            chan = self._channels[rep.address] = (ch, expert_pb2_grpc.ExpertServiceStub(ch))
         return chan[1]
 
     def _run(self, coro):
@@ -382,19 +416,20 @@ class GrpcExperts(ExpertBackend):
                         weights=array_to_wire(w[r]))))
         return out
 
-    async def _gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]]
-                      ) -> list[expert_pb2.ForwardResponse]:
-        results: list[expert_pb2.ForwardResponse | None] = [None] * len(messages)
+    async def _gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]],
+                      dtype: torch.dtype) -> list[torch.Tensor]:
+        results: list[torch.Tensor | None] = [None] * len(messages)
         target = [rep for _, rep, _ in messages]
         tried: list[set[str]] = [set() for _ in messages]
         pending = list(range(len(messages)))
         start = time.perf_counter()
         answered = [start] * len(messages)
 
-        async def call(i: int) -> expert_pb2.ForwardResponse:
-            reply = await self._stub(target[i].address).Forward(messages[i][2], timeout=self.timeout_s)
+        async def call(i: int) -> tuple[torch.Tensor, float]:
+            req = messages[i][2]
+            reply = await self._stub(target[i]).Forward(req, timeout=self.timeout_s, metadata=self.metadata)
             answered[i] = time.perf_counter()
-            return reply
+            return reply_output(reply, req, dtype), reply.busy
 
         while pending:
             replies = await asyncio.gather(*[call(i) for i in pending], return_exceptions=True)
@@ -402,24 +437,27 @@ class GrpcExperts(ExpertBackend):
             for i, reply in zip(pending, replies, strict=True):
                 shard, rep = messages[i][0], target[i]
                 if not isinstance(reply, BaseException):
-                    results[i] = reply
-                    self.busy[rep.replica_id] = reply.busy
+                    results[i], self.busy[rep.replica_id] = reply
                     continue
-                if not isinstance(reply, grpc.RpcError):
+                if isinstance(reply, BadReply):
+                    why = f"bad reply to layer {layer}: {reply}"
+                elif isinstance(reply, grpc.RpcError):
+                    if reply.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        raise StalePlacement(f"shard {shard} replica {rep.address}: {reply.details()}") from None
+                    if reply.code() not in RETRIABLE:
+                        raise ExpertDispatchError(f"shard {shard} replica {rep.address} refused layer "
+                                                  f"{layer}: {reply.code().name}: {reply.details()}") from None
+                    why = f"{reply.code().name}: {reply.details()}"
+                else:
                     raise reply
-                if reply.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise StalePlacement(f"shard {shard} replica {rep.address}: {reply.details()}") from None
-                if reply.code() not in RETRIABLE:
-                    raise ExpertDispatchError(f"shard {shard} replica {rep.address} refused layer "
-                                              f"{layer}: {reply.code().name}: {reply.details()}") from None
                 tried[i].add(rep.replica_id)
-                self._suspect(rep, shard, f"{reply.code().name}: {reply.details()}")
+                self._suspect(rep, shard, why, report=not isinstance(reply, grpc.RpcError) or reply.code() != BUSY)
                 others = [r for r in self.candidates(shard) if r.replica_id not in tried[i]]
                 if not others:  # the directory may know a replacement this router has not seen yet
                     self._try_refresh()
                     others = [r for r in self.candidates(shard) if r.replica_id not in tried[i]]
                 if not others:
-                    raise ShardUnavailable(shard, f"{reply.code().name} from every replica tried") from None
+                    raise ShardUnavailable(shard, f"every replica tried failed, the last with {why}") from None
                 target[i] = others[0]
                 failed.append(i)
             pending = failed
@@ -432,10 +470,11 @@ class GrpcExperts(ExpertBackend):
                 self.critical_s[shard] = self.critical_s.get(shard, 0.0) + answered[last] - start
         return results
 
-    def gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]]
-               ) -> list[expert_pb2.ForwardResponse]:
-        """Send every (shard, replica, request) at once; retry transport failures on other replicas."""
-        return self._run(self._gather(layer, messages))
+    def gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]],
+               dtype: torch.dtype) -> list[torch.Tensor]:
+        """Send every (shard, replica, request) at once -> each request's (N, dim) output of `dtype`; retry
+        transport failures and bad replies on other replicas."""
+        return self._run(self._gather(layer, messages, dtype))
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                 keys: np.ndarray | None = None) -> torch.Tensor:
@@ -445,7 +484,7 @@ class GrpcExperts(ExpertBackend):
         for attempt in range(STALE_RETRIES + 1):
             msgs = self.requests(layer, x, expert_ids, weights, keys, self.routing)
             try:
-                replies = self.gather(layer, [(s, rep, req) for s, rep, _, req in msgs])
+                replies = self.gather(layer, [(s, rep, req) for s, rep, _, req in msgs], x.dtype)
                 break
             except StalePlacement as e:
                 if attempt == STALE_RETRIES:
@@ -453,8 +492,7 @@ class GrpcExperts(ExpertBackend):
                 log.info("re-reading the expert placement: %s", e)
                 time.sleep(0.05 * attempt)
                 self._try_refresh()
-        outputs = [(rows, from_wire(reply.output, "output", x.dtype, ndim=2))
-                   for (_, _, rows, _), reply in zip(msgs, replies, strict=True)]
+        outputs = [(rows, y) for (_, _, rows, _), y in zip(msgs, replies, strict=True)]
         np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(x.dtype)
         if np_dtype is None:  # bfloat16: numpy has none
             out = torch.zeros_like(x)  # (T, dim)

@@ -25,6 +25,9 @@ def ray_session():
     # Serve starts here, with its HTTP proxy on a free port, so whichever test deploys first cannot
     # start it without one (Serve's options are fixed for its life); get the port from cluster.deploy.http_port().
     start_serve({"host": "127.0.0.1", "port": free_port()})
+    # The driver knows the data-plane token, as an operator would; set only now, so that Ray's worker processes
+    # do not inherit it: the apps' replicas must get it the way they do on a cluster (runtime_env or args).
+    os.environ.setdefault("RAYMOE_DATA_PLANE_TOKEN", "test-data-plane-token")
     yield ray
     serve.shutdown()
     ray.shutdown()

@@ -48,7 +48,7 @@ class Replica:
 
     def __init__(self, experts: ExpertSet, dim: int, layers: int = 2):
         self.experts = experts
-        self.servicer = ExpertServicer(experts, dim, layers, N_EXPERTS, torch.float32, MAX_MESSAGE,
+        self.servicer = ExpertServicer(experts, dim, layers, N_EXPERTS, torch.float32,
                                        expert_pb2.InfoResponse(shard=0), torch.device("cpu"))
         self.server = GrpcServer(self.servicer, "127.0.0.1", MAX_MESSAGE)
         self.channel = grpc.insecure_channel(self.server.address, options=[

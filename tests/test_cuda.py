@@ -174,7 +174,7 @@ def test_replicas_on_device_serve_bfloat16_over_grpc(ckpt):
         experts = ExpertSet.load(ckpt, pairs, torch.bfloat16, device=DEVICE)
         info = expert_pb2.InfoResponse(shard=s, replica_id=f"r{s}", dtype="bfloat16", dim=a.dim,
                                        max_message_bytes=MAX_MESSAGE)
-        servicer = ExpertServicer(experts, a.dim, a.n_layers, a.n_experts, torch.bfloat16, MAX_MESSAGE, info, DEVICE)
+        servicer = ExpertServicer(experts, a.dim, a.n_layers, a.n_experts, torch.bfloat16, info, DEVICE)
         servicers.append(servicer)
         servers.append(GrpcServer(servicer, "127.0.0.1", MAX_MESSAGE))
         entries.append(dict(shard=s, num_shards=2, replica_id=f"r{s}", address=servers[-1].address,

@@ -1,6 +1,8 @@
 """The distributed expert plane on a real local Ray: ExpertShard replicas on Serve, gRPC, failover."""
 
 import asyncio
+import functools
+import os
 import time
 
 import grpc
@@ -15,9 +17,11 @@ from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient, get_directory
 from cluster.expert_plane import build_expert_plane, connect_experts
 from cluster.placement import PlacementPlan
+from cluster.plane_token import TOKEN_ENV
 from cluster.ray_init import fit_cpus
 from experts.ffn import ExpertSet
 from experts.replica import SERVICE, ExpertServicer, GrpcServer
+from experts.security import ClientTLS, call_metadata, replica_channel
 from experts.wire import WireError, from_wire, to_wire
 from protos import expert_pb2
 from router import LLM, SamplingParams
@@ -36,12 +40,17 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llms(ray_session, ckpt):
-    """One expert plane for the module: 2 shards (experts 0, 2 and 1, 3 of every layer), 2 replicas each."""
+def llms(ray_session, ckpt, tmp_path_factory):
+    """One expert plane for the module: 2 shards (experts 0, 2 and 1, 3 of every layer), 2 replicas each,
+    serving TLS with a self-signed certificate for a name (other modules' planes serve plaintext)."""
+    from test_data_plane_security import self_signed
+
     path, _ = ckpt
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"), "raymoe-experts")
     local = LLM(path, expert_backend="local")
     distributed = LLM(path, expert_backend="ray", num_shards=2, replicas_per_shard=2, expert_num_cpus=0.1,
-                      max_message_bytes=MAX_MESSAGE)
+                      max_message_bytes=MAX_MESSAGE, data_plane_tls_cert=cert, data_plane_tls_key=key,
+                      data_plane_tls_ca=cert, data_plane_tls_server_name="raymoe-experts")
     yield local, distributed
     distributed.shutdown()
     assert distributed.experts.app_name not in DirectoryClient().app_names()
@@ -51,10 +60,17 @@ def entries(llm: LLM) -> list[dict]:
     return DirectoryClient(llm.experts.app_name).replicas()
 
 
-def rpc(address: str, method: str, response_cls):
-    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
-    return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
+def channel_to(entry: dict) -> grpc.Channel:
+    """A channel to the replica of a directory entry, TLS as it registered."""
+    return replica_channel(entry["address"], ClientTLS.from_entry(entry), [("grpc.max_send_message_length", 64 << 20)],
+                           aio=False)
+
+
+def rpc(entry: dict, method: str, response_cls):
+    """A call of `method` as a router makes it: TLS as the replica registered, with the data-plane token."""
+    call = channel_to(entry).unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
                                response_deserializer=response_cls.FromString)
+    return functools.partial(call, metadata=call_metadata(os.environ[TOKEN_ENV]))
 
 
 # --- pieces that need no cluster ---------------------------------------------------------------------
@@ -115,7 +131,7 @@ def test_default_cpu_share_fits_the_cluster_or_fails_at_once(ray_session, ckpt):
 
 def test_gpus_reach_the_replica_actor_options(ckpt):
     app = build_expert_plane(str(ckpt[0]), "float32", ExpertPlaneConfig(num_shards=2, replicas_per_shard=3,
-                                                                  num_gpus=0.5))
+                                                                  num_gpus=0.5), token="t")
     plane = app._bound_deployment
     assert "Expert" in plane.name
     shards = [a._bound_deployment for a in plane.init_args[2:]]
@@ -165,7 +181,7 @@ def test_slow_replica_hits_its_deadline_and_its_tokens_go_elsewhere(ckpt):
     pairs = [(l, e) for l in range(a.n_layers) for e in range(a.n_experts)]
     experts = ExpertSet.load(c, pairs, torch.float32)
     info, cpu = expert_pb2.InfoResponse(), torch.device("cpu")
-    servers = [GrpcServer(cls(experts, a.dim, a.n_layers, a.n_experts, torch.float32, MAX_MESSAGE, info, cpu),
+    servers = [GrpcServer(cls(experts, a.dim, a.n_layers, a.n_experts, torch.float32, info, cpu),
                           "127.0.0.1", MAX_MESSAGE) for cls in (SlowServicer, ExpertServicer)]
     source = SwapSource([dict(shard=0, num_shards=1, replica_id=rid, address=srv.address, pairs=pairs,
                               max_message_bytes=MAX_MESSAGE)
@@ -191,7 +207,7 @@ def test_the_router_reports_which_shard_each_layer_waited_for(ckpt):
     shards = [[(l, e) for l in range(a.n_layers) for e in (0, 1)], [(l, e) for l in range(a.n_layers) for e in (2, 3)]]
     info, cpu = expert_pb2.InfoResponse(), torch.device("cpu")
     servers = [GrpcServer(cls(ExpertSet.load(c, pairs, torch.float32), a.dim, a.n_layers, a.n_experts, torch.float32,
-                              MAX_MESSAGE, info, cpu), "127.0.0.1", MAX_MESSAGE)
+                              info, cpu), "127.0.0.1", MAX_MESSAGE)
                for cls, pairs in ((LaggingServicer, shards[0]), (ExpertServicer, shards[1]))]
     source = RecordingSource([dict(shard=s, num_shards=2, replica_id=f"r{s}", address=srv.address, pairs=pairs,
                                    max_message_bytes=MAX_MESSAGE)
@@ -273,7 +289,7 @@ def test_replicas_hold_only_their_share(llms, ckpt):
     found = entries(distributed)
     assert sorted(e["shard"] for e in found) == [0, 0, 1, 1]
     for e in found:
-        info = rpc(e["address"], "Info", expert_pb2.InfoResponse)(b"")
+        info = rpc(e, "Info", expert_pb2.InfoResponse)(b"")
         share = [(l, x) for l in range(a.n_layers) for x in range(a.n_experts) if x % 2 == info.shard]
         assert sorted((p.layer, p.expert) for p in info.pairs) == share
         assert info.bytes_loaded == len(share) * expert_bytes  # half of all expert weights, nothing else
@@ -283,7 +299,7 @@ def test_replicas_hold_only_their_share(llms, ckpt):
 def test_malformed_requests_get_invalid_argument(llms, ckpt):
     _, distributed = llms
     entry = next(e for e in entries(distributed) if e["shard"] == 0)  # experts 0 and 2 of every layer
-    forward = rpc(entry["address"], "Forward", expert_pb2.ForwardResponse)
+    forward = rpc(entry, "Forward", expert_pb2.ForwardResponse)
     x = torch.randn(3, 64)
     ids = torch.tensor([[0, -1], [2, 0], [-1, 2]], dtype=torch.int32)
     w = torch.rand(3, 2)
@@ -311,7 +327,6 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
         "dtype float32 where int32": request(expert_ids=to_wire(ids.float())),
         "differs from expert_ids": request(weights=to_wire(w[:, :1])),
         "1 <= k <= 4": request(expert_ids=to_wire(ids[:, :0]), weights=to_wire(w[:, :0])),
-        "exceeds this replica's limit": request(hidden=to_wire(torch.randn(MAX_MESSAGE // 256 + 1, 64))),
         "not a ForwardRequest": b"\xff\xff\xff\xff",
     }
     for message, raw in bad.items():
@@ -320,20 +335,56 @@ def test_malformed_requests_get_invalid_argument(llms, ckpt):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
         assert message in err.value.details()
         check_still_serving()
+    # Over the message limit: the transport refuses it before any of it reaches Python.
+    with pytest.raises(grpc.RpcError) as err:
+        forward(request(hidden=to_wire(torch.randn(MAX_MESSAGE // 256 + 1, 64))), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    check_still_serving()
     # A pair of the model this shard does not hold: a router on an old placement, told to re-read it.
     with pytest.raises(grpc.RpcError) as err:
         forward(request(expert_ids=to_wire(ids.masked_fill(ids == 2, 1))), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "expert 1 of layer 1 is not held by shard 0" in err.value.details()
     check_still_serving()
-    echo = rpc(entry["address"], "Echo", expert_pb2.EchoResponse)
+    echo = rpc(entry, "Echo", expert_pb2.EchoResponse)
     with pytest.raises(grpc.RpcError) as err:
         echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=-1).SerializeToString())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     check_still_serving()
-    with grpc.insecure_channel(entry["address"]) as channel:
+    with pytest.raises(grpc.RpcError) as err:  # a reply bigger than its request: no amplification
+        echo(expert_pb2.EchoRequest(payload=b"x", reply_bytes=2).SerializeToString())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with channel_to(entry) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_deployed_replicas_refuse_calls_without_the_token(llms):
+    """The plane's replicas got the driver's token through their deployment: a call without it, or with
+    another, is UNAUTHENTICATED and runs no expert math; the health service needs none, but TLS."""
+    _, distributed = llms
+    entry = next(e for e in entries(distributed) if e["shard"] == 0)
+    x, ids, w = torch.randn(3, 64), torch.tensor([[0, 2]] * 3, dtype=torch.int32), torch.full((3, 2), 0.5)
+    raw = expert_pb2.ForwardRequest(layer=1, hidden=to_wire(x), expert_ids=to_wire(ids),
+                                    weights=to_wire(w)).SerializeToString()
+    info = rpc(entry, "Info", expert_pb2.InfoResponse)
+    before = info(b"", timeout=10).calls
+    with channel_to(entry) as channel:
+        forward = channel.unary_unary(f"/{SERVICE}/Forward", request_serializer=lambda b: b,
+                                      response_deserializer=expert_pb2.ForwardResponse.FromString)
+        for metadata in [(), call_metadata("not-the-token")]:
+            with pytest.raises(grpc.RpcError) as err:
+                forward(raw, timeout=10, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    assert entry["tls"] and entry["tls_server_name"] == "raymoe-experts"
+    with grpc.insecure_channel(entry["address"]) as plaintext:  # this plane serves TLS only
+        with pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(plaintext).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info(b"", timeout=10).calls == before
+    assert len(rpc(entry, "Forward", expert_pb2.ForwardResponse)(raw, timeout=10).output.data) == 3 * 64 * 4
 
 
 def test_connect_experts_by_app_name(llms, ckpt):
@@ -372,6 +423,35 @@ def test_directory_keeps_apps_apart(ray_session):
         b.remove_app()
 
 
+def test_the_directory_rechecks_a_tls_replica_and_busy_is_not_dead(ray_session, tmp_path):
+    """A router reported a replica that serves TLS and has its only call slot taken: the directory's health
+    probe reaches it over TLS, hears RESOURCE_EXHAUSTED (it answered), and keeps it."""
+    from test_data_plane_security import TOKEN, SlowServicer, entry, forward_request, method, self_signed, serve, stop
+
+    from experts.security import ClientTLS, ReplicaSecurity, replica_channel
+
+    cert, key = self_signed(tmp_path, "raymoe-experts")
+    security = ReplicaSecurity(TOKEN, cert, key, ClientTLS(cert, "raymoe-experts"))
+    r = serve(SlowServicer, security=security, max_concurrent_rpcs=1)
+    directory = DirectoryClient("test-app-tls")
+    try:
+        directory.register(entry("r1", r[1], security) | {"app": "test-app-tls"})
+        with replica_channel(r[1].address, security.client_tls(), aio=False) as channel:
+            held = method(channel, "Forward", expert_pb2.ForwardResponse).future(
+                forward_request(), timeout=10, metadata=call_metadata(TOKEN))
+            time.sleep(0.2)
+            directory.report_failure(r[1].address)
+            deadline = time.monotonic() + 10
+            while [e["state"] for e in directory.snapshot()["replicas"]] == ["suspect"]:
+                assert time.monotonic() < deadline, "the directory never re-checked the replica"
+                time.sleep(0.05)
+            assert [e["state"] for e in directory.snapshot()["replicas"]] == ["serving"]
+            held.result()
+    finally:
+        directory.remove_app()
+        stop(r)
+
+
 class KillReplicaAt(ExpertBackend):
     """Passes calls on; at call number `at` kills the replica serving shard 0 and waits until it is gone."""
 
@@ -386,7 +466,7 @@ class KillReplicaAt(ExpertBackend):
             self.killed = next(e for e in DirectoryClient(self.app).replicas()
                                if e["replica_id"] == rep.replica_id)
             ray.kill(ray.get_actor(self.killed["actor_name"], namespace="serve"), no_restart=True)
-            info = rpc(rep.address, "Info", expert_pb2.InfoResponse)
+            info = rpc(self.killed, "Info", expert_pb2.InfoResponse)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 try:

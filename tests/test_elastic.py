@@ -14,6 +14,7 @@ from hf_reference import build_checkpoint
 
 from checkpoint.reader import Checkpoint
 from cluster.directory import DirectoryClient, get_directory
+from cluster.plane_token import TOKEN_ENV, app_token
 from cluster.status import replica_info
 from protos import expert_pb2
 from router import LLM, SamplingParams
@@ -39,9 +40,9 @@ def local(ckpt):
     llm.shutdown()
 
 
-def info(address: str) -> expert_pb2.InfoResponse:
-    reply = replica_info(address)
-    assert reply is not None, f"replica {address} does not answer Info"
+def info(entry: dict) -> expert_pb2.InfoResponse:
+    reply = replica_info(entry, app_token(entry["app"]))
+    assert reply is not None, f"replica {entry['address']} does not answer Info"
     return reply
 
 
@@ -49,7 +50,7 @@ def pair_tokens(entries: list[dict]) -> dict[tuple[int, int], int]:
     """Tokens each (layer, expert) ran, summed over the replicas' own counters."""
     out: dict[tuple[int, int], int] = {}
     for e in entries:
-        for p in info(e["address"]).load:
+        for p in info(e).load:
             out[(p.layer, p.expert)] = out.get((p.layer, p.expert), 0) + p.tokens
     return out
 
@@ -109,7 +110,7 @@ def test_every_replica_takes_tokens_and_outputs_do_not_change(three, local):
         # Bounded loads cap a replica at 1.25x its share of each call's rows (rounded up per call); with a dozen
         # sequences, hashing alone decides how little the last replica gets.
         assert len(sent) == 3 and min(sent) > 0 and max(sent) <= 0.5 * sum(sent)
-    load = info(entries[0]["address"])
+    load = info(entries[0])
     assert load.busy > 0 and any(p.tokens_per_s > 0 for p in load.load)
 
 
@@ -299,11 +300,13 @@ def test_routers_critical_path_reaches_the_policy_through_the_directory(ray_sess
         directory.remove_app()
 
 
-def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session, ckpt):
+def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session, ckpt, monkeypatch):
+    """Deployed as `raymoe serve` deploys, with no data-plane token given: the app gets a new one, which its
+    Router and replicas share, scaling keeps, and a driver finds in its config (plane_status asks replicas)."""
     import openai
 
     from cli.main import parse_settings
-    from cluster.deploy import deploy, http_port, scale_shard
+    from cluster.deploy import deploy, deployed_configs, http_port, scale_shard
     from cluster.ray_init import remove_apps
     from cluster.serve_config import serve_config
     from cluster.status import format_status, plane_status
@@ -313,8 +316,11 @@ def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session
         "--model", str(ckpt), "--num-shards", "2", "--expert-num-cpus", "0.1", "--router-num-cpus", "0.1",
         "--served-model-name", "tiny", "--stream-chunks-per-s", "50"]))
     cfg["applications"][0].update(name=app, route_prefix="/scale")
+    monkeypatch.delenv(TOKEN_ENV)
     deploy(cfg)
     try:
+        token = deployed_configs()[app]["runtime_env"]["env_vars"][TOKEN_ENV]
+        assert len(token) >= 32 and app_token(app) == token
         routers = replica_ids(app, "Router")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port()}/scale/v1", api_key="x", max_retries=0,
                                timeout=120)
@@ -345,6 +351,7 @@ def test_scaling_one_shard_by_config_keeps_the_router_and_its_stream(ray_session
             assert finish == "length" and usage.completion_tokens == 400
             wait_for(lambda n=replicas: running(app, "ExpertShard-1") == n, what=f"{replicas} replicas")
             assert replica_ids(app, "Router") == routers  # the Router was never replaced
+            assert deployed_configs()[app]["runtime_env"]["env_vars"][TOKEN_ENV] == token
         s = plane_status(app)
         assert [sh["shard"] for sh in s["shards"]] == [0, 1]
         assert {r["state"] for sh in s["shards"] for r in sh["replicas"]} == {"serving"}
@@ -370,7 +377,7 @@ def test_a_pair_held_by_two_shards_shares_its_tokens(ray_session, ckpt, local):
         outs = llm.generate(PROMPTS, GREEDY)
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in local.generate(PROMPTS,
                                                                                                          GREEDY)]
-        by_shard = {e["shard"]: {(p.layer, p.expert): p.tokens for p in info(e["address"]).load}
+        by_shard = {e["shard"]: {(p.layer, p.expert): p.tokens for p in info(e).load}
                     for e in DirectoryClient(llm.experts.app_name).replicas()}
         for pair in [(1, 0), (1, 1)]:
             assert by_shard[0][pair] > 0 and by_shard[1][pair] > 0  # both copies took tokens
@@ -396,7 +403,7 @@ def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session
     llm = LLM(ckpt, expert_backend="ray", num_shards=2, expert_num_cpus=0.1)
     app = llm.experts.app_name
     a = llm.args
-    stale = GrpcExperts(DirectoryClient(app), a.n_layers, a.n_experts, refresh_s=3600)
+    stale = GrpcExperts(DirectoryClient(app), a.n_layers, a.n_experts, refresh_s=3600, token=app_token(app))
     try:
         llm.generate(PROMPTS, GREEDY)
         wait_for(lambda: DirectoryClient(app).token_counts(60) is not None, what="the router's token report")
@@ -433,7 +440,7 @@ def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session
         entries = DirectoryClient(app).replicas()
 
         def holds_new() -> bool:
-            return all(sorted((p.layer, p.expert) for p in info(e["address"]).pairs) == new[e["shard"]]
+            return all(sorted((p.layer, p.expert) for p in info(e).pairs) == new[e["shard"]]
                        for e in entries)
         wait_for(holds_new, what="replicas to drop the old placement's pairs")
         wait_for(lambda: llm.experts.backend.routing.version == 1, what="the router's switch")
