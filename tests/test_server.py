@@ -442,7 +442,8 @@ def test_a_router_answers_503_with_retry_after_until_its_experts_are_up(ray_sess
 
     app = config("--model", str(checkpoints[0]), "--served-model-name", MODEL, "--expert-backend", "ray",
                  "--num-shards", "1", "--expert-num-cpus", "64", "--router-num-cpus", "0.25")["applications"][0]
-    app.update(name="raymoe-starting", route_prefix="/starting")
+    app.update(name="raymoe-starting", route_prefix="/starting",
+               runtime_env={"env_vars": {"RAYMOE_DATA_PLANE_TOKEN": "starting-token"}})  # as apply() gives one
     apps = deployed_configs() | {app["name"]: app}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
     try:
