@@ -190,6 +190,9 @@ def test_secrets_are_required_in_every_container(file):
         assert {k: (r["name"], r["key"]) for k, r in refs.items()} == want, name
         assert not any(r.get("optional") for r in refs.values()), name
         assert not [e for e in c.get("env", []) if e["name"] in want and "value" in e], name  # never a literal
+    spec = manifest(file)["spec"]
+    # Ray's own token (dashboard, GCS) from the same secret, key auth_token: KubeRay wires it into every pod.
+    assert spec.get("rayClusterConfig", spec)["authOptions"] == {"mode": "token", "secretName": "raymoe-secrets"}
 
 
 def test_dashboard_listens_for_the_operator():
