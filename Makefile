@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# KubeRay's deploy path on real multi-node Rays of their own (tests/test_kuberay.py): minutes, so not in `test`.
+# KubeRay's deploy path on real multi-node Rays of their own (tests/test_kuberay*.py): minutes, so not in `test`.
 test-kuberay: install
-	RAYMOE_KUBERAY_TESTS=1 $(PY) -m pytest -q -s tests/test_kuberay.py
+	RAYMOE_KUBERAY_TESTS=1 $(PY) -m pytest -q -s tests/test_kuberay.py tests/test_kuberay_autoscaling.py
 
 serve: install
 	$(VENV)/bin/raymoe serve

@@ -5,6 +5,7 @@ started (their process groups, then any process whose command line names its tem
 kills every Ray on the machine, the test session's and other users' included.
 """
 
+import copy
 import json
 import os
 import secrets
@@ -127,8 +128,9 @@ class RayNodes:
         self.procs.append(p)
         return p
 
-    def start_head(self, num_cpus: int, num_gpus: int = 0, extra: list[str] | None = None) -> None:
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+    def start_head(self, num_cpus: int, num_gpus: int = 0, extra: list[str] | None = None,
+                   gcs_port: int | None = None) -> None:
+        self.gcs_port, self.dashboard_port = gcs_port or free_port(), free_port()
         self.head = self._start([
             "--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}", f"--num-cpus={num_cpus}",
             f"--num-gpus={num_gpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -180,3 +182,62 @@ class RayNodes:
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# ray/autoscaler/_private/fake_multi_node/example.yaml, which AutoscalingCluster reads but Ray's wheel leaves out.
+FAKE_MULTINODE_BASE = {
+    "cluster_name": "fake_multinode", "max_workers": 8,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "available_node_types": {}, "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+    "idle_timeout_minutes": 0.1, "docker": {}, "initialization_commands": [], "setup_commands": [],
+    "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+    "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+}
+FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+
+
+def autoscaling_cluster_class():
+    """ray.cluster_utils.AutoscalingCluster, made safe for a machine that others run Ray on."""
+    from ray.cluster_utils import AutoscalingCluster
+
+    class FakeAutoscalingCluster(AutoscalingCluster):
+        """Ray's fake multi-node autoscaling cluster: the head runs the same autoscaler (StandardAutoscaler in
+        the head's monitor) as KubeRay's in-tree autoscaler, with FakeMultiNodeProvider "launching" worker nodes
+        as local raylets. Unlike AutoscalingCluster.start/shutdown, never `ray stop --force` (it kills every
+        Ray on the machine): the head is a RayNodes head (own temp dir, free GCS port, token auth, dashboard),
+        and shutdown kills only this cluster's processes. The provider is named as an external module, since
+        the fake_multinode type's defaults file is not in Ray's wheel."""
+
+        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
+            try:
+                return super()._generate_config(head_resources, worker_node_types, autoscaler_v2, **config_kwargs)
+            except FileNotFoundError:
+                config = copy.deepcopy(FAKE_MULTINODE_BASE)
+                config["available_node_types"] = copy.deepcopy(worker_node_types)
+                config["available_node_types"]["ray.head.default"] = {
+                    "resources": head_resources, "node_config": {}, "max_workers": 0}
+                config.update(config_kwargs)
+                return config
+
+        def start(self, _system_config=None, override_env=None):
+            self.nodes = RayNodes(env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                                       **(override_env or {})})
+            self.nodes.gcs_port = free_port()
+            config = copy.deepcopy(self._config)
+            config["provider"] = {**config["provider"], "type": "external", "module": FAKE_PROVIDER,
+                                  "gcs_address": self.nodes.address}
+            path = Path(self.nodes.temp_dir) / "autoscaling.json"
+            path.write_text(json.dumps(config))
+            head = dict(self._head_resources)
+            cpus, gpus = head.pop("CPU", 1), head.pop("GPU", 0)
+            extra = [f"--autoscaling-config={path}"]
+            if head:
+                extra.append(f"--resources={json.dumps(head)}")
+            self.nodes.start_head(num_cpus=cpus, num_gpus=gpus, extra=extra, gcs_port=self.nodes.gcs_port)
+
+        def shutdown(self):
+            self.nodes.stop()
+
+    return FakeAutoscalingCluster
