@@ -201,3 +201,34 @@ def test_dashboard_listens_for_the_operator():
         doc = manifest(file)
         spec = doc["spec"].get("rayClusterConfig", doc["spec"])
         assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("args,gpu_nodes,phrases", [
+    ({"model": "models/no-such-model"}, [], ["model 'models/no-such-model'", "does not exist", "/app/models"]),
+    ({"placement": [[[0, 0], [0, 1]]]}, [], ["expert shards of", "no shard holds"]),
+    ({"num_gpus": 2.0}, [1.0, 1.0], ["num_gpus=2.0", "no node of this cluster has more than 1 GPU"]),
+    ({"num_gpus": 1.5}, [], ["whole GPUs"]),
+    ({"no_such_setting": 1}, [], ["no_such_setting"]),
+])
+def test_bad_configuration_is_a_config_error_at_build_time(monkeypatch, args, gpu_nodes, phrases):
+    """What Serve shows as the app's DEPLOY_FAILED message (tests/test_kuberay.py checks it on a live cluster)."""
+    import cluster.app as app
+
+    monkeypatch.setattr(app, "node_gpus", lambda: gpu_nodes)
+    with pytest.raises(app.ConfigError) as e:
+        app.build_app({"model": "models/tiny-mixtral", "expert_backend": "ray", **args})
+    assert str(e.value).startswith("raymoe: bad configuration: ")
+    for phrase in phrases:
+        assert phrase in str(e.value)
+
+
+def test_gpu_check_waits_for_gpu_nodes_it_cannot_see(monkeypatch):
+    """No GPU node up yet (a worker group at zero): the autoscaler may add one, so the config passes the check;
+    a node with enough GPUs passes too."""
+    import cluster.app as app
+
+    for sizes in ([], [1.0], [1.0, 2.0]):
+        monkeypatch.setattr(app, "node_gpus", lambda sizes=sizes: sizes)
+        _, plane, _ = settings_from_args({"num_gpus": 1.0})
+        model, ckpt = app.check_config(app.EngineConfig(), plane)
+        assert ckpt.args.n_experts == 8 and model.endswith("tiny-mixtral")

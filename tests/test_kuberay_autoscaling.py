@@ -15,9 +15,6 @@ import pytest
 from ray_nodes import autoscaling_cluster_class, free_port, wait_for
 from test_kuberay import details, replica_nodes, wait_running
 
-from cli.main import parse_settings
-from cluster.serve_config import serve_config
-
 pytestmark = pytest.mark.skipif(not os.environ.get("RAYMOE_KUBERAY_TESTS"),
                                 reason="multi-node Ray (minutes): RAYMOE_KUBERAY_TESTS=1, make test-kuberay")
 
@@ -30,6 +27,9 @@ def put(nodes, cfg):
 
 
 def test_expert_shard_scale_up_adds_a_node_and_scale_down_returns_it():
+    from cli.main import parse_settings
+    from cluster.serve_config import serve_config
+
     port = free_port()
     # Two shards of half a GPU each: one GPU node holds both; a second replica of shard 0 needs another node.
     cfg = serve_config(*parse_settings(["--num-shards", "2", "--num-gpus", "0.5", "--host", "127.0.0.1",
