@@ -232,3 +232,35 @@ def test_gpu_check_waits_for_gpu_nodes_it_cannot_see(monkeypatch):
         _, plane, _ = settings_from_args({"num_gpus": 1.0})
         model, ckpt = app.check_config(app.EngineConfig(), plane)
         assert ckpt.args.n_experts == 8 and model.endswith("tiny-mixtral")
+
+
+def json_patch(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902's replace/remove/add on dict paths, as kustomize applies a JSON6902 patch."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
+        node = doc
+        for p in parents:
+            node = node[p]
+        if op["op"] == "remove":
+            del node[last]
+        else:
+            assert op["op"] in ("replace", "add") and (op["op"] == "add" or last in node or isinstance(last, int))
+            node[last] = op["value"]
+    return doc
+
+
+def test_kind_overlay_is_the_manifest_without_gpus():
+    kustomization = yaml.safe_load((K8S / "kind" / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../rayservice.yaml"]
+    doc = manifest("rayservice.yaml")
+    for patch in kustomization["patches"]:
+        assert patch["target"]["kind"] == doc["kind"] and patch["target"]["name"] == doc["metadata"]["name"]
+        doc = json_patch(doc, yaml.safe_load(patch["patch"]))
+    assert errors("RayService", doc) == []
+    assert "nvidia.com/gpu" not in yaml.safe_dump(doc)
+    assert doc["spec"]["serveConfigV2"] == manifest("rayservice.yaml")["spec"]["serveConfigV2"]
+    group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    app = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]
+    replicas = sum(d.get("num_replicas") or d["autoscaling_config"]["initial_replicas"] for d in app["deployments"])
+    assert float(group["rayStartParams"]["num-gpus"]) >= replicas * app["args"]["num_gpus"]  # all fit one pod
