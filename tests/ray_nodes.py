@@ -144,9 +144,18 @@ class RayNodes:
         args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
-        p = self._start(args, f"worker-{len(self.procs)}")
-        node = wait_for("a new worker node", lambda: [n for n in self.nodes() if n["node_id"] not in before], 120)
+        name = f"worker-{len(self.procs)}"
+        p = self._start(args, name)
+        try:
+            node = wait_for("a new worker node", lambda: [n for n in self.nodes() if n["node_id"] not in before],
+                            180)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; `ray start` exited with {p.poll()}, its log ends:\n{self.log(name)}") from None
         return p, node[0]["node_id"]
+
+    def log(self, name: str, chars: int = 3000) -> str:
+        path = Path(self.temp_dir) / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
     def api(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
         """A call to the head's dashboard, authenticated as KubeRay's operator calls it."""

@@ -9,6 +9,8 @@ the module runs only with RAYMOE_KUBERAY_TESTS=1 (`make test-kuberay`).
 import copy
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,6 +111,18 @@ def test_openai_client_completes_with_the_secret_api_key(cluster):
     assert r.choices[0].text and r.usage.completion_tokens == 8
     with pytest.raises(openai.AuthenticationError):  # the key from the pods' env is required
         complete(cluster["port"], api_key="wrong")
+
+
+def test_raymoe_status_reads_the_cluster_with_rays_token(cluster):
+    """`raymoe status` joins the cluster as from the head pod (RAY_AUTH_TOKEN in its env, as KubeRay sets it)."""
+    nodes = cluster["nodes"]
+    out = subprocess.run([sys.executable, "-m", "cli.main", "status", "--address", nodes.address, "--json"],
+                         env=nodes.env, cwd=nodes.temp_dir, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout)
+    assert [sh["shard"] for sh in s["shards"]] == list(range(8))
+    for shard in s["shards"]:
+        assert [(r["state"], r["node_id"]) for r in shard["replicas"]] == [("serving", cluster["worker_id"])]
 
 
 def bad_app(good: dict, name: str, **args) -> dict:
