@@ -17,9 +17,14 @@ ARG RAY_VERSION
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
-# torch first, from the index that matches the base image (CPU wheels are 10x smaller than CUDA ones); then
+# torch first, from the index that matches the base image (the CPU wheels are a fraction of the CUDA ones); then
 # raymoe with Ray pinned to the base image's own version, so pip never replaces the Ray the image runs.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+# Ray's images run as the user `ray`, who owns the Python environment; /app is theirs too (the editable
+# install writes its metadata there).
+USER root
+RUN mkdir -p /app && chown ray:users /app
+USER ray
 COPY --chown=ray:users . /app
 RUN pip install --no-cache-dir -e /app "ray[serve]==${RAY_VERSION}" \
     && python -c "import cluster.app, ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
