@@ -122,9 +122,9 @@ class RayNodes:
                 f"--runtime-env-agent-port={free_port()}", "--object-store-memory=100000000"]
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen:
-        log = open(Path(self.temp_dir) / f"{name}.log", "ab")
-        p = subprocess.Popen([RAY, "start", "--block", *args, *self._ports()], env=self.env, cwd=self.temp_dir,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(Path(self.temp_dir) / f"{name}.log", "ab") as log:
+            p = subprocess.Popen([RAY, "start", "--block", *args, *self._ports()], env=self.env,
+                                 cwd=self.temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
         return p
 
@@ -182,10 +182,9 @@ class RayNodes:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 pass
-        for p in self.procs:
-            for pid in pids_in_group(p.pid):
-                os.kill(pid, signal.SIGKILL)
-        for pid in pids_naming(self.temp_dir):  # workers run in process groups of their own
+        mine = [pid for p in self.procs for pid in pids_in_group(p.pid)]
+        mine += pids_naming(self.temp_dir)  # Ray's workers run in process groups of their own
+        for pid in mine:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
