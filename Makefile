@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve lint protos bench fuzz
+.PHONY: install test test-kuberay serve lint protos bench fuzz
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# KubeRay's deploy path on real multi-node Rays of their own (tests/test_kuberay*.py): minutes, so not in `test`.
+test-kuberay: install
+	RAYMOE_KUBERAY_TESTS=1 $(PY) -m pytest -q -s tests/test_kuberay.py tests/test_kuberay_autoscaling.py
 
 serve: install
 	$(VENV)/bin/raymoe serve

@@ -3,9 +3,13 @@ ingress deployment, bound to the expert plane's deployments.
 
 Serve calls `build_app(args)` with the config's flat `args` mapping, locally (`raymoe serve`) and on
 KubeRay (the RayService's serveConfigV2) alike; the args are the fields of the settings dataclasses.
+A configuration that cannot work fails there, at deploy time, with a ConfigError that Serve shows as the
+application's status message (DEPLOY_FAILED): an unknown model, shards that do not cover the model, more GPUs
+per replica than a node of the cluster has.
 """
 
 import logging
+import math
 import os
 import threading
 
@@ -14,8 +18,8 @@ from ray import serve
 
 from checkpoint.args import parse_dtype
 from checkpoint.bundled import resolve_model
-from checkpoint.reader import Checkpoint
-from cluster.expert_plane import build_expert_plane, connect_experts
+from checkpoint.reader import Checkpoint, CheckpointError
+from cluster.expert_plane import build_expert_plane, connect_experts, placement_plan
 from router.config import EngineConfig, ExpertPlaneConfig, split_settings
 from server.api import OpenAIServer, build_fastapi
 from server.config import ServerConfig
@@ -41,6 +45,13 @@ def log_to_replica_log() -> None:
 
 
 READY_KEY = "raymoe/router-ready/{app}/{replica}"  # in the GCS key-value store while a router replica serves
+
+
+class ConfigError(ValueError):
+    """A raymoe application's configuration that cannot be deployed; the message says what to change."""
+
+    def __init__(self, what: str):
+        super().__init__(f"raymoe: bad configuration: {what}")
 
 
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1}, health_check_period_s=5)
@@ -123,9 +134,58 @@ def settings_from_args(args: dict) -> tuple[EngineConfig, ExpertPlaneConfig, Ser
     return EngineConfig(**engine), ExpertPlaneConfig(**plane), ServerConfig(**server)
 
 
+def node_gpus() -> list[float]:
+    """GPUs per node of the connected cluster: its live nodes, and the node groups its autoscaler may add
+    where Ray publishes them (the GCS cluster config); empty when neither shows a GPU."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    sizes = [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # an internal API: its absence only makes the check weaker
+        config = None
+    if config is not None:
+        sizes += [float(g.resources.get("GPU", 0)) for g in config.node_group_configs]
+    return [s for s in sizes if s > 0]
+
+
+def check_config(engine: EngineConfig, plane: ExpertPlaneConfig) -> tuple[str, Checkpoint]:
+    """The model's resolved path and checkpoint, once the configuration is known to be deployable here;
+    else ConfigError, at deploy time, rather than replicas that fail or wait forever."""
+    model = resolve_model(engine.model)
+    try:
+        ckpt = Checkpoint(model)
+    except CheckpointError as e:
+        raise ConfigError(f"model {engine.model!r}: {e} (a relative path is looked up in the working directory, "
+                          f"then in the raymoe installation; in the image, /app/models)") from None
+    if plane.expert_backend == "ray":
+        try:
+            placement_plan(plane, ckpt.args.n_layers, ckpt.args.n_experts)
+        except ValueError as e:
+            raise ConfigError(f"expert shards of {engine.model!r} ({ckpt.args.n_layers} layers x "
+                              f"{ckpt.args.n_experts} experts): {e}") from None
+        need = plane.num_gpus
+        if need > 1 and need != math.floor(need):
+            raise ConfigError(f"num_gpus={need} per expert replica: above 1 GPU Ray gives whole GPUs only")
+        sizes = node_gpus()
+        if need > 0 and sizes and max(sizes) < need:
+            raise ConfigError(f"num_gpus={need} per expert replica, but no node of this cluster has more than "
+                              f"{max(sizes):g} GPU(s) (nodes with GPUs: {sorted(sizes, reverse=True)}): no replica "
+                              "could ever be placed; lower num_gpus or add a worker group with bigger GPU nodes")
+        if need > 0 and not sizes:
+            log.warning("num_gpus=%s per expert replica: no GPU node is up yet; replicas wait for the autoscaler",
+                        need)
+    return str(model), ckpt
+
+
 def build_app(args: dict) -> serve.Application:
-    engine, plane, server = settings_from_args(args)
-    model = str(resolve_model(engine.model))
+    try:
+        engine, plane, server = settings_from_args(args)
+    except ValueError as e:  # unknown arg names, out-of-range values
+        raise ConfigError(str(e)) from None
+    model, _ = check_config(engine, plane)
     engine = EngineConfig(**{**vars(engine), "model": model})
     expert_plane = None
     if plane.expert_backend == "ray":

@@ -3,7 +3,9 @@
 import copy
 import functools
 import os
+import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,154 @@ def test_cluster_has_gpu_workers_for_experts():
     gpu = [g for g in groups if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
                                     for c in g["template"]["spec"]["containers"])]
     assert gpu and gpu[0]["maxReplicas"] >= gpu[0]["minReplicas"]
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def dockerfile_args(text: str) -> tuple[dict, str]:
+    """The Dockerfile's ARG defaults and its FROM image with them substituted (the image a plain
+    `docker build .` starts from)."""
+    args, image = {}, None
+    for line in text.replace("\\\n", " ").splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "ARG" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            args[name] = value
+        elif words[0] == "FROM":
+            image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], words[1])
+    return args, image
+
+
+def test_dockerfile_matches_what_raymoe_is_tested_with():
+    """The image is Ray's own image of the Ray version and Python raymoe runs here, with the same torch."""
+    import ray
+    import torch
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    args, image = dockerfile_args((REPO / "Dockerfile").read_text())
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert image == f"rayproject/ray:{ray.__version__}-{py}", image  # the CPU tag by default
+    assert args["CUDA_TAG"] == ""  # a CUDA image is `--build-arg CUDA_TAG=-gpu` (k8s/README.md)
+    project = pyproject()["project"]
+    ray_req = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "ray")
+    assert "serve" in ray_req.extras and ray_req.specifier.contains(args["RAY_VERSION"])
+    assert SpecifierSet(project["requires-python"]).contains(f"{sys.version_info.major}.{sys.version_info.minor}")
+    makefile_torch = re.search(r"torch==([\w.]+)", (REPO / "Makefile").read_text()).group(1)
+    assert args["TORCH_VERSION"] == makefile_torch == torch.__version__.split("+")[0]
+    for name in ("rayservice.yaml", "raycluster.yaml"):
+        doc = manifest(name)
+        spec = doc["spec"].get("rayClusterConfig", doc["spec"])
+        assert spec["rayVersion"] == args["RAY_VERSION"]
+        images = {c["image"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+                  for c in g["template"]["spec"]["containers"]}
+        assert images == {"raymoe:latest"}  # what k8s/README.md builds and loads
+
+
+def test_dockerignore_keeps_what_the_image_needs():
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    packages = pyproject()["tool"]["setuptools"]["packages"]
+    needed = {*packages, "models", "pyproject.toml", "README.md"}
+    assert not needed & ignored, needed & ignored
+    assert {".git", ".venv"} <= ignored
+    assert (REPO / "models" / "tiny-mixtral" / "model.safetensors").is_file()  # the bundled model goes in
+
+
+def containers(doc: dict) -> dict[str, dict]:
+    spec = doc["spec"].get("rayClusterConfig", doc["spec"])
+    groups = {"head": spec["headGroupSpec"], **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+    return {f"{group}/{c['name']}": c for group, g in groups.items() for c in g["template"]["spec"]["containers"]}
+
+
+@pytest.mark.parametrize("file", ["rayservice.yaml", "raycluster.yaml"])
+def test_secrets_are_required_in_every_container(file):
+    """The API key and the data-plane token come from the secret raymoe-secrets in the head and every worker;
+    no reference is optional, so a missing secret stops the pods instead of serving without auth."""
+    want = {"RAYMOE_API_KEY": ("raymoe-secrets", "api-key"),
+            "RAYMOE_DATA_PLANE_TOKEN": ("raymoe-secrets", "data-plane-token")}
+    for name, c in containers(manifest(file)).items():
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})}
+        assert {k: (r["name"], r["key"]) for k, r in refs.items()} == want, name
+        assert not any(r.get("optional") for r in refs.values()), name
+        assert not [e for e in c.get("env", []) if e["name"] in want and "value" in e], name  # never a literal
+    spec = manifest(file)["spec"]
+    # Ray's own token (dashboard, GCS) from the same secret, key auth_token: KubeRay wires it into every pod.
+    assert spec.get("rayClusterConfig", spec)["authOptions"] == {"mode": "token", "secretName": "raymoe-secrets"}
+
+
+def test_dashboard_listens_for_the_operator():
+    """KubeRay's operator reaches the head's dashboard from its own pod (to PUT serveConfigV2): 0.0.0.0."""
+    for file in ("rayservice.yaml", "raycluster.yaml"):
+        doc = manifest(file)
+        spec = doc["spec"].get("rayClusterConfig", doc["spec"])
+        assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("args,gpu_nodes,phrases", [
+    ({"model": "models/no-such-model"}, [], ["model 'models/no-such-model'", "does not exist", "/app/models"]),
+    ({"placement": [[[0, 0], [0, 1]]]}, [], ["expert shards of", "no shard holds"]),
+    ({"num_gpus": 2.0}, [1.0, 1.0], ["num_gpus=2.0", "no node of this cluster has more than 1 GPU"]),
+    ({"num_gpus": 1.5}, [], ["whole GPUs"]),
+    ({"no_such_setting": 1}, [], ["no_such_setting"]),
+])
+def test_bad_configuration_is_a_config_error_at_build_time(monkeypatch, args, gpu_nodes, phrases):
+    """What Serve shows as the app's DEPLOY_FAILED message (tests/test_kuberay.py checks it on a live cluster)."""
+    import cluster.app as app
+
+    monkeypatch.setattr(app, "node_gpus", lambda: gpu_nodes)
+    with pytest.raises(app.ConfigError) as e:
+        app.build_app({"model": "models/tiny-mixtral", "expert_backend": "ray", **args})
+    assert str(e.value).startswith("raymoe: bad configuration: ")
+    for phrase in phrases:
+        assert phrase in str(e.value)
+
+
+def test_gpu_check_waits_for_gpu_nodes_it_cannot_see(monkeypatch):
+    """No GPU node up yet (a worker group at zero): the autoscaler may add one, so the config passes the check;
+    a node with enough GPUs passes too."""
+    import cluster.app as app
+
+    for sizes in ([], [1.0], [1.0, 2.0]):
+        monkeypatch.setattr(app, "node_gpus", lambda sizes=sizes: sizes)
+        _, plane, _ = settings_from_args({"num_gpus": 1.0})
+        model, ckpt = app.check_config(app.EngineConfig(), plane)
+        assert ckpt.args.n_experts == 8 and model.endswith("tiny-mixtral")
+
+
+def json_patch(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902's replace/remove/add on dict paths, as kustomize applies a JSON6902 patch."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
+        node = doc
+        for p in parents:
+            node = node[p]
+        if op["op"] == "remove":
+            del node[last]
+        else:
+            assert op["op"] in ("replace", "add") and (op["op"] == "add" or last in node or isinstance(last, int))
+            node[last] = op["value"]
+    return doc
+
+
+def test_kind_overlay_is_the_manifest_without_gpus():
+    kustomization = yaml.safe_load((K8S / "kind" / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../rayservice.yaml"]
+    doc = manifest("rayservice.yaml")
+    for patch in kustomization["patches"]:
+        assert patch["target"]["kind"] == doc["kind"] and patch["target"]["name"] == doc["metadata"]["name"]
+        doc = json_patch(doc, yaml.safe_load(patch["patch"]))
+    assert errors("RayService", doc) == []
+    assert "nvidia.com/gpu" not in yaml.safe_dump(doc)
+    assert doc["spec"]["serveConfigV2"] == manifest("rayservice.yaml")["spec"]["serveConfigV2"]
+    group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    app = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]
+    replicas = sum(d.get("num_replicas") or d["autoscaling_config"]["initial_replicas"] for d in app["deployments"])
+    assert float(group["rayStartParams"]["num-gpus"]) >= replicas * app["args"]["num_gpus"]  # all fit one pod
