@@ -18,6 +18,8 @@ from bench.elastic import ElasticBenchOptions
 from bench.engine import EngineBenchOptions
 from bench.routing import RoutingReportOptions
 from bench.serve import ServeBenchOptions
+from bench.shutdown import ShutdownBenchOptions
+from bench.soak import SoakBenchOptions
 from checkpoint.bundled import BUNDLED_MODEL
 from cluster.rebalance import RebalanceOptions
 from experiment.hot_experts import HotExpertsOptions
@@ -289,6 +291,10 @@ BENCHMARKS = {
     "elastic": ("a Zipf-skewed load, the hottest shard scaled out, then hot pairs re-placed: time to serving, "
                 "imbalance, step gaps",
                 ElasticBenchOptions, "bench.elastic"),
+    "soak": ("thousands of mixed HTTP requests (streamed, cancelled, invalid) at high concurrency: unexpected "
+             "errors, router and replica memory growth, latency percentiles", SoakBenchOptions, "bench.soak"),
+    "shutdown": ("LLM with Ray experts created and shut down many times in one process: nothing left behind",
+                 ShutdownBenchOptions, "bench.shutdown"),
 }
 
 EXPERIMENTS = {
