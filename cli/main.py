@@ -19,6 +19,8 @@ from bench.engine import EngineBenchOptions
 from bench.fuzz import FuzzBenchOptions
 from bench.routing import RoutingReportOptions
 from bench.serve import ServeBenchOptions
+from bench.shutdown import ShutdownBenchOptions
+from bench.soak import SoakBenchOptions
 from bench.train import TrainBenchOptions
 from checkpoint.bundled import BUNDLED_MODEL
 from cluster.rebalance import RebalanceOptions
@@ -317,6 +319,10 @@ BENCHMARKS = {
     "elastic": ("a Zipf-skewed load, the hottest shard scaled out, then hot pairs re-placed: time to serving, "
                 "imbalance, step gaps",
                 ElasticBenchOptions, "bench.elastic"),
+    "soak": ("thousands of mixed HTTP requests (streamed, cancelled, invalid) at high concurrency: unexpected "
+             "errors, router and replica memory growth, latency percentiles", SoakBenchOptions, "bench.soak"),
+    "shutdown": ("LLM with Ray experts created and shut down many times in one process: nothing left behind",
+                 ShutdownBenchOptions, "bench.shutdown"),
 }
 
 EXPERIMENTS = {

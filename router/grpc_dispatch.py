@@ -506,6 +506,9 @@ class GrpcExperts(ExpertBackend):
 
     def close(self) -> None:
         self._stop.set()
+        # Joined, not left to exit on its own: a refresh under way still calls the directory (10 s timeout), which
+        # an owner that stops Ray next would cut off, and no thread of ours may outlive close().
+        self._refresher.join(timeout=15.0)
         channels, self._channels = list(self._channels.values()), {}
 
         async def close_all():

@@ -71,17 +71,21 @@ class LLM:
         return list(prompt), None
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
-        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+        # No bar unless asked: even a disabled tqdm starts tqdm's monitor thread, which then outlives the LLM.
+        bar = tqdm(total=len(seqs), desc="generate") if use_tqdm else None
         backoff = Backoff()
         while self.engine.has_unfinished():
             try:
-                bar.update(sum(s.finished for s in self.engine.step()))
+                done = sum(s.finished for s in self.engine.step())
+                if bar is not None:
+                    bar.update(done)
                 backoff.succeeded()
             except ExpertsUnavailable as e:  # nothing of the step was kept: run it again a little later
                 wait = backoff.failed()
                 log.warning("experts unavailable, retrying in %.1fs: %s", wait, e)
                 time.sleep(wait)
-        bar.close()
+        if bar is not None:
+            bar.close()
 
     def generate(self, prompts: PromptType | list[PromptType], sampling_params: SamplingParams | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
