@@ -238,11 +238,12 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 tokens = {k: [o.outputs[0].token_ids for o in llm.generate(batch, params)]
                           for k, llm in llms.items()}
                 fns = {k: with_threads(args.router_threads,
-                                       lambda llm=llm, batch=batch: llm.generate(batch, params))
+                                       lambda llm=llm, batch=batch: with_ping_pong(llm, False, batch, params))
                        for k, llm in llms.items() if k != "local"}
-                for k in rays:  # the same plane with one batch per step: what ping-pong hides is the difference
-                    fns[f"{k} 1b"] = with_threads(args.router_threads,
-                                                  lambda llm=llms[k], batch=batch: one_batch(llm, batch, params))
+                for k in rays:  # the same plane with ping-pong micro-batches
+                    fns[f"{k} pp"] = with_threads(args.router_threads,
+                                                  lambda llm=llms[k], batch=batch: with_ping_pong(llm, True, batch,
+                                                                                                  params))
                 for t in sorted({1, default_threads}):
                     fns[f"local@{t}"] = with_threads(t, lambda batch=batch: llms["local"].generate(batch,
                                                                                                   params))
@@ -257,7 +258,7 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 same = all(tokens[k] == tokens["local"] for k in rays)
                 print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
                       + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
-                      + " | " + " ".join(f"{k}: {tps[k] / tps[k + ' 1b']:.2f}x one batch, {hidden[k]:.0%} "
+                      + " | " + " ".join(f"{k} ping-pong: {tps[k + ' pp'] / tps[k]:.2f}x, {hidden[k]:.0%} "
                                          "of dispatch hidden" for k in rays)
                       + ("" if same else "   (ray and local tokens differ!)"))
     finally:
@@ -266,13 +267,13 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
             llm.shutdown()
 
 
-def one_batch(llm, batch: list, params) -> None:
-    """Generate with ping-pong off: every step one batch, each layer's expert calls waited out in full."""
-    llm.engine.ping_pong = False
+def with_ping_pong(llm, on: bool, batch: list, params) -> None:
+    """Generate with ping-pong on (two micro-batches per step) or off (one batch, each layer's calls waited out)."""
+    llm.engine.ping_pong = on
     try:
         llm.generate(batch, params)
     finally:
-        llm.engine.ping_pong = True
+        llm.engine.ping_pong = False
 
 
 def dispatch_counters(llm) -> tuple[float, float]:

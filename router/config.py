@@ -25,9 +25,10 @@ class EngineConfig:
     chunk_size: int | None = field(default=None, metadata={
         "help": "prompt tokens per prefill chunk (default: the step's token budget)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling for requests that give none"})
-    ping_pong: bool = field(default=True, metadata={
+    ping_pong: bool = field(default=False, metadata={
         "help": "with remote experts, split each step's batch in two so that one half's attention runs while "
-                "the other half's expert calls are in flight (--no-ping-pong: one batch, as a baseline)"})
+                "the other half's expert calls are in flight: for experts on other machines (GPUs); where they "
+                "share the router's CPUs there is nothing to overlap and it costs a second call per layer"})
 
     def __post_init__(self):
         parse_dtype(self.dtype)

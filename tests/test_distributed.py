@@ -255,7 +255,7 @@ def test_ping_pong_runs_two_micro_batches_per_layer_off_the_main_thread_and_chan
 
     _, distributed = llms
     engine, backend = distributed.engine, distributed.experts.backend
-    assert engine.ping_pong and distributed.experts.overlaps_calls
+    assert distributed.experts.overlaps_calls
     calls, real = [], backend.forward
 
     def recording(layer, x, *args):
@@ -263,16 +263,13 @@ def test_ping_pong_runs_two_micro_batches_per_layer_off_the_main_thread_and_chan
         return real(layer, x, *args)
 
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    backend.forward = recording
+    whole = [o.outputs[0].token_ids for o in distributed.generate(PROMPTS, params)]
+    backend.forward, engine.ping_pong = recording, True
     try:
         split = [o.outputs[0].token_ids for o in distributed.generate(PROMPTS, params)]
     finally:
         del backend.forward
-    engine.ping_pong = False
-    try:
-        whole = [o.outputs[0].token_ids for o in distributed.generate(PROMPTS, params)]
-    finally:
-        engine.ping_pong = True
+        engine.ping_pong = False
     assert split == whole
     assert {name.split("_")[0] for name, _, _ in calls} == {"expert-calls"}
     n_layers = Checkpoint(ckpt[0]).args.n_layers
