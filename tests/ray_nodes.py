@@ -230,8 +230,9 @@ def autoscaling_cluster_class():
                 return config
 
         def start(self, _system_config=None, override_env=None):
+            # The data-plane token stands for the one every pod gets from the raymoe-secrets Secret.
             self.nodes = RayNodes(env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                                       **(override_env or {})})
+                                       "RAYMOE_DATA_PLANE_TOKEN": "test-data-plane-token", **(override_env or {})})
             self.nodes.gcs_port = free_port()
             config = copy.deepcopy(self._config)
             config["provider"] = {**config["provider"], "type": "external", "module": FAKE_PROVIDER,
