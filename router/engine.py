@@ -247,10 +247,7 @@ class Engine:
     def _fail(self, s: Sequence, e: Exception) -> None:
         log.error("sequence %s failed: %s", s.seq_id, e, exc_info=e)
         s.error = f"{type(e).__name__}: {e}"
-        s.finish_reason = "error"
-        if s.row is not None:
-            self.free_rows.append(s.row)
-            s.row = None
+        self._finish(s, "error")
 
     def _micro_batch(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> MicroBatch:
         """The model's input for these sequences: decode tokens first, then prompt chunks (as the cache plans)."""
@@ -330,7 +327,7 @@ class Engine:
         return at >= 0
 
     def _finish(self, s: Sequence, reason: str) -> None:
-        if s.detokenizer is not None and reason != "abort" and len(s.text) == len(s.detokenizer.text):
+        if s.detokenizer is not None and reason not in ("abort", "error") and len(s.text) == len(s.detokenizer.text):
             # Ended on a token that left a character incomplete: its text goes out as U+FFFD.
             if self._stopped_by_string(s, s.detokenizer.flush()):
                 reason = "stop"

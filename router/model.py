@@ -86,14 +86,17 @@ class RouterModel(nn.Module):
         rope = [self.rope.cos_sin(b.meta.positions, h.dtype) for b, h in zip(batches, hs, strict=True)]
         pending: list = [None] * len(batches)
         routed: list[list] = [[] for _ in self.layers]
+
+        def add_experts_output(j: int) -> None:  # the batch's expert calls of its last layer, waited for
+            if pending[j] is not None:
+                t = time.perf_counter()
+                hs[j] = hs[j] + pending[j].result()
+                self.exposed_wait_s += time.perf_counter() - t
+                pending[j] = None
         try:
             for i, layer in enumerate(self.layers):
                 for j, b in enumerate(batches):
-                    if pending[j] is not None:
-                        t = time.perf_counter()
-                        hs[j] = hs[j] + pending[j].result()
-                        self.exposed_wait_s += time.perf_counter() - t
-                        pending[j] = None
+                    add_experts_output(j)
                     h = hs[j] = hs[j] + layer.attention(layer.attention_norm(hs[j]), *rope[j], b.meta, cache.k[i],
                                                         cache.v[i])
                     x = layer.ffn_norm(h)
@@ -103,12 +106,8 @@ class RouterModel(nn.Module):
                         hs[j] = h + experts.forward(i, x, ids, weights, b.keys)
                     else:
                         pending[j] = experts.forward_async(i, x, ids, weights, b.keys)
-            for j, fut in enumerate(pending):
-                if fut is not None:
-                    t = time.perf_counter()
-                    hs[j] = hs[j] + fut.result()
-                    self.exposed_wait_s += time.perf_counter() - t
-                    pending[j] = None
+            for j in range(len(batches)):
+                add_experts_output(j)
         finally:  # a call that failed leaves the other batch's in flight: let it end before anyone retries
             for fut in pending:
                 if fut is not None:

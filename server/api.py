@@ -90,7 +90,7 @@ class _Choice:
 
     prompt_ids: list[int]
     prompt_text: str
-    prompt_offsets: list[int]  # where each prompt token's text starts in prompt_text
+    prompt_offsets: list[int] | None = None  # where each prompt token's text starts (None: not yet worked out)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # where each generated token's text starts in text
@@ -175,7 +175,8 @@ class OpenAIServer:
         return s
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> _Choice:
-        """A prompt as token ids, its text and where each token's text starts in it (runs off the event loop)."""
+        """A prompt as token ids and its text, with where each token's text starts when the tokenizer gave it
+        for free (runs off the event loop)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError(400, f"{self.name} has no tokenizer: send the prompt as token ids", "prompt")
@@ -190,30 +191,32 @@ class OpenAIServer:
         if bad:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})",
                            "prompt")
-        if self.tokenizer is None:
-            return _Choice(list(prompt), "", [0] * len(prompt))
-        return _Choice(list(prompt), *self.text_offsets(prompt))
+        return _Choice(list(prompt), self.tokenizer.decode(prompt) if self.tokenizer else "")
 
-    def text_offsets(self, ids: list[int]) -> tuple[str, list[int]]:
-        """The text of token ids and where each token's text starts in it; a special token (no text) starts
-        where the text has got to."""
-        text = self.tokenizer.decode(ids)
+    def prompt_offsets(self, c: _Choice) -> list[int]:
+        """Where each prompt token's text starts in c.prompt_text; a special token (no text) starts where the
+        text has got to. Worked out when first asked for (an echo with log-probs of a prompt sent as ids)."""
+        if c.prompt_offsets is not None:
+            return c.prompt_offsets
+        ids, text = c.prompt_ids, c.prompt_text
+        if self.tokenizer is None:
+            c.prompt_offsets = [0] * len(ids)
+            return c.prompt_offsets
         special = self.tokenizer.special_ids
-        enc = self.tokenizer.tok.encode(text, add_special_tokens=False)
+        enc = self.tokenizer.encodings([text], add_special_tokens=False)[0]
+        out, end = [], 0
         if enc.ids == [t for t in ids if t not in special]:  # the usual case: the text tokenizes back to the ids
-            spans, out, end = iter(enc.offsets), [], 0
+            spans = iter(enc.offsets)
             for t in ids:
-                if t in special:
-                    out.append(end)
-                else:
+                if t not in special:
                     start, end = next(spans)
-                    out.append(start)
-            return text, out
-        out, at = [], 0  # else each token's own decode, which may differ by a character around merges
-        for t in ids:
-            out.append(min(at, len(text)))
-            at += len(self.tokenizer.decode([t]))
-        return text, out
+                out.append(start if t not in special else end)
+        else:  # each token's own decode, which may differ by a character around merges
+            for t in ids:
+                out.append(min(end, len(text)))
+                end += len(self.tokenizer.decode([t]))
+        c.prompt_offsets = out
+        return out
 
     async def encode_all(self, prompts: list[str | list[int]], add_special_tokens: bool) -> list[_Choice]:
         if len(prompts) > self.limits.max_prompts:
@@ -274,8 +277,8 @@ class OpenAIServer:
         base = len(c.prompt_text) if echo else 0
         entries: list[tuple[int, dict[int, float] | None, int]] = []
         if echoing:
-            entries += list(zip(c.prompt_ids, c.prompt_logprobs or [None] * len(c.prompt_ids), c.prompt_offsets,
-                                strict=True))
+            entries += list(zip(c.prompt_ids, c.prompt_logprobs or [None] * len(c.prompt_ids),
+                                self.prompt_offsets(c), strict=True))
         entries += [(tok, lp, base + at) for tok, lp, at in zip(c.token_ids[start:], c.logprobs[start:],
                                                                  c.offsets[start:], strict=True)]
         for tok, lp, at in entries:
@@ -393,7 +396,7 @@ class OpenAIServer:
             params = req.sampling(req.max_new_tokens(room), req.n_logprobs(), None)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        choice = _Choice(ids, text, [])
+        choice = _Choice(ids, text)
         rid, created = request_id("chatcmpl"), now()
         stream = await self.submit([choice], params, req.stream, rid)
         if req.stream:

@@ -85,6 +85,7 @@ class AsyncEngine:
         # Submissions posted but not yet taken by the engine thread: settled with EngineDead if it dies first.
         self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
+        self._stall_check_at = 0.0
         self._stopped = False
         self.degraded: str | None = None  # why the last step could not run, until one runs again
         self._backoff = Backoff()
@@ -230,8 +231,12 @@ class AsyncEngine:
                     for sid, s in self._streams.items()})
 
     def _abort_stalled(self) -> None:
-        """Abort streams whose caller has taken nothing for stall_timeout_s while updates wait for it."""
+        """Abort streams whose caller has taken nothing for stall_timeout_s while updates wait for it (looked
+        for a few times per timeout, at most once a second, not every step)."""
         now = time.monotonic()
+        if now < self._stall_check_at:
+            return
+        self._stall_check_at = now + min(1.0, self.stall_timeout_s / 4)
         stalled = [sid for sid, s in self._streams.items()
                    if not s.queue.empty() and now - s.read_at > self.stall_timeout_s]
         for sid in stalled:
