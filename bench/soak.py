@@ -89,12 +89,14 @@ async def drive(base: str, cases: list[Case], o: SoakBenchOptions, app: str, pro
     marks = {min(o.window, len(cases)): "first", len(cases): "last"}
     pending = iter(cases)
     bar = tqdm(total=len(cases), desc="soak", disable=not progress, smoothing=0.05)
+    bad = 0
 
     async def worker(session) -> None:
+        nonlocal bad
         for case in pending:  # one iterator shared by every worker: each case goes out once
-            outcomes.append(await send(session, base, case, o.timeout_s))
+            outcomes.append(out := await send(session, base, case, o.timeout_s))
             bar.update()
-            bad = sum(not x.ok for x in outcomes)
+            bad += not out.ok
             if bad:
                 bar.set_postfix(unexpected=bad, refresh=False)
             mark = marks.get(len(outcomes))
@@ -146,7 +148,7 @@ def soak(o: SoakBenchOptions, name: str = "raymoe-soak", route_prefix: str = "/s
     """On a running Ray with Serve: deploy, send the mix, read the server's health, delete; the summary."""
     import urllib.request
 
-    from cluster.directory import DirectoryClient
+    from cluster.ray_init import remove_apps
 
     if not 0 < o.window < o.requests:
         raise ValueError(f"window ({o.window}) must be between 0 and requests ({o.requests}): RSS is compared "
@@ -162,10 +164,7 @@ def soak(o: SoakBenchOptions, name: str = "raymoe-soak", route_prefix: str = "/s
         except OSError as e:  # HTTPError included: an unhealthy server after the soak is a finding
             health = getattr(e, "code", None)
     finally:
-        from ray import serve
-
-        serve.delete(name)
-        DirectoryClient(name).remove_app()
+        remove_apps([name], started_serve=False, started_ray=False)
     return summarize(outcomes, rss, wall, health)
 
 

@@ -40,7 +40,8 @@ def run(o: TrainBenchOptions) -> None:
 
     start_or_join_ray(log_to_driver=False)
     cfg = EPTrainConfig(tiny=True, steps=o.steps, batch_size=o.batch_size, warmup=0).resolved()
-    cfg = replace(cfg, seq_len=o.seq_len, dim=o.dim, hidden_dim=o.hidden_dim, n_layers=o.n_layers,
+    # tiny=False: the shape is the bench's own from here (resolving again would put the tiny one back)
+    cfg = replace(cfg, tiny=False, seq_len=o.seq_len, dim=o.dim, hidden_dim=o.hidden_dim, n_layers=o.n_layers,
                   n_experts=o.n_experts)
     cfg, data, _ = load_tokens(cfg)
     rows = []

@@ -439,6 +439,7 @@ class GrpcExperts(ExpertBackend):
                 if not isinstance(reply, BaseException):
                     results[i], self.busy[rep.replica_id] = reply
                     continue
+                busy = False  # a replica at its concurrency cap is alive: try another, report nothing
                 if isinstance(reply, BadReply):
                     why = f"bad reply to layer {layer}: {reply}"
                 elif isinstance(reply, grpc.RpcError):
@@ -447,11 +448,11 @@ class GrpcExperts(ExpertBackend):
                     if reply.code() not in RETRIABLE:
                         raise ExpertDispatchError(f"shard {shard} replica {rep.address} refused layer "
                                                   f"{layer}: {reply.code().name}: {reply.details()}") from None
-                    why = f"{reply.code().name}: {reply.details()}"
+                    why, busy = f"{reply.code().name}: {reply.details()}", reply.code() == BUSY
                 else:
                     raise reply
                 tried[i].add(rep.replica_id)
-                self._suspect(rep, shard, why, report=not isinstance(reply, grpc.RpcError) or reply.code() != BUSY)
+                self._suspect(rep, shard, why, report=not busy)
                 others = [r for r in self.candidates(shard) if r.replica_id not in tried[i]]
                 if not others:  # the directory may know a replacement this router has not seen yet
                     self._try_refresh()
