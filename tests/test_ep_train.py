@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 from router.model import route
 from training.ep_layer import ExchangeTimer, capacity_keep, expert_capacity, expert_parallel_moe
 from training.ep_train import EPTrainConfig, Job, fit, load_tokens
-from training.train import make_optimizer, sample_batch, train_step
-from training.trainable import TrainableMixtral
+from training.train import make_optimizer, sample_batch, seeded_model, train_step
 
 LAYOUTS = {"ep1": (1, 1), "ep2": (2, 1), "ep2dp2": (2, 2), "ep4": (4, 1)}
 CAPACITY = 1.0  # an even share: what overflows depends on how unevenly layer 0 routes
@@ -29,17 +28,9 @@ def base_config() -> EPTrainConfig:
     return EPTrainConfig(tiny=True, steps=3, batch_size=8, warmup=0, seed=3).resolved()
 
 
-def seeded(cfg: EPTrainConfig) -> tuple[TrainableMixtral, torch.Generator]:
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = TrainableMixtral(cfg.model_args())
-    model.init_weights(gen)
-    return model, gen
-
-
 def reference(cfg: EPTrainConfig, data: torch.Tensor) -> dict:
     """Single-process training (train-tiny's step) on the same seed and data."""
-    model, gen = seeded(cfg)
+    model, gen = seeded_model(cfg)
     opt = make_optimizer(model, cfg)
     losses, norms = [], []
     for step in range(cfg.steps):
@@ -97,7 +88,7 @@ def one_rank_group():
 
 def test_exchange_layer_is_the_single_process_moe_and_drops_to_zero(one_rank_group):
     cfg = base_config()
-    model = seeded(cfg)[0]
+    model = seeded_model(cfg)[0]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, cfg.dim, generator=g, requires_grad=True)
     weights, ids = route(model.core.layers[0].gate(x), cfg.top_k)
@@ -144,7 +135,7 @@ def test_every_layout_trains_the_single_process_model(runs, name):
     ours = load_file(out / "model.safetensors")
     theirs = ref["model"].hf_state_dict()
     assert ours.keys() == theirs.keys()
-    initial = seeded(runs["cfg"])[0].hf_state_dict()
+    initial = seeded_model(runs["cfg"])[0].hf_state_dict()
     for k, v in theirs.items():
         assert (ours[k] - v).abs().max().item() < 2e-5, k
     # the weights did move (by ~lr per step), far beyond that tolerance
@@ -155,7 +146,7 @@ def test_every_layout_trains_the_single_process_model(runs, name):
 def test_dropped_slots_are_counted(runs):
     """Layer 0's routing at step 0 depends on nothing dropped: count its overflow by hand per rank."""
     cfg, out = runs["cfg"], runs["root"] / "dropping"
-    model, gen = seeded(cfg)
+    model, gen = seeded_model(cfg)
     batch = sample_batch(runs["data"], cfg, gen)
     n = cfg.batch_size // 2
     expected = 0

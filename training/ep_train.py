@@ -33,8 +33,8 @@ from training.bpe import tokenizer_config
 from training.ep_layer import ExpertParallelMixtral
 from training.ep_step import ep_train_step
 from training.process_groups import ExpertParallelGroups, build_groups
-from training.train import TrainConfig, make_optimizer, sample_batch, token_stream
-from training.trainable import TrainableMixtral, hf_state_dict
+from training.train import TrainConfig, make_optimizer, sample_batch, seeded_model, token_stream
+from training.trainable import hf_state_dict
 
 # `--tiny`: a few steps in seconds on CPUs.
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, sliding_window=16, seq_len=32,
@@ -119,10 +119,7 @@ def run_job(job: Job, data: torch.Tensor, device: torch.device, out: Path, token
     """Train `job` on this rank; the leader writes the checkpoint to `out` (-> True)."""
     cfg = job.cfg
     groups = build_groups(cfg.ep, cfg.dp, job.first_rank)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    full = TrainableMixtral(cfg.model_args())
-    full.init_weights(gen)  # the whole model, as one process draws it; each rank keeps its part
+    full, gen = seeded_model(cfg)  # the whole model, as one process draws it; each rank keeps its part
     model = ExpertParallelMixtral(full, groups, cfg.capacity_factor).to(device)
     del full
     opt = make_optimizer(model, cfg)

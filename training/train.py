@@ -96,6 +96,16 @@ def losses(model: TrainableMixtral, batch: torch.Tensor) -> tuple[torch.Tensor, 
     return ce, aux
 
 
+def seeded_model(cfg: TrainConfig) -> tuple[TrainableMixtral, torch.Generator]:
+    """The model as cfg.seed initialises it, and the generator that then draws the batches. Every trainer
+    (single-process, expert-parallel, the tests' reference) draws in this order, so that they match exactly."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = TrainableMixtral(cfg.model_args())
+    model.init_weights(gen)
+    return model, gen
+
+
 def sample_batch(data: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     """(batch_size, seq_len + 1) windows of the token stream at random offsets drawn from gen."""
     T = cfg.seq_len
@@ -142,11 +152,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     log.info("corpus: %d training files, %d tokens; %d held-out files, %d tokens (%d in the loss-curve eval)",
              len(train_files), len(data), len(val_files), len(val), n_val * T)
 
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    args = cfg.model_args()
-    model = TrainableMixtral(args)
-    model.init_weights(gen)
+    model, gen = seeded_model(cfg)
     opt = make_optimizer(model, cfg)
     history = {"step": [], "train_ce": [], "aux": [], "eval_step": [], "val_ce": []}
     bar = tqdm(range(cfg.steps), desc="train-tiny", unit="step")
