@@ -18,6 +18,7 @@ from cluster.placement import PlacementPlan
 from cluster.plane_ingress import ExpertPlane
 from cluster.plane_token import TOKEN_ENV, app_token, env_token, new_token
 from cluster.ray_init import fit_cpus, remove_apps, start_or_join_ray, start_serve
+from experts.pace import Pace
 from experts.replica import MAX_CONCURRENT_RPCS, ExpertShard
 from experts.security import ClientTLS, ReplicaSecurity
 from experts.wire import WIRE_NAMES
@@ -88,13 +89,14 @@ def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserve
     if plane.num_gpus:
         actor_options["num_gpus"] = plane.num_gpus
     registry = DirectoryClient()
+    pace = Pace((plane.paced_expert_ms or 0.0) / 1e3, (plane.paced_row_ms or 0.0) / 1e3)
     sets = [[list(p) for p in shard.pairs] for shard in plan.shards]
     plan_id = f"{zlib.crc32(json.dumps(sets).encode()):08x}"  # a rebalanced placement applies to this plan only
     shards = [
         ExpertShard.options(name=f"ExpertShard-{i}", ray_actor_options=actor_options,
                             **shard_options(plane, shard.replicas))
         .bind(str(model), dtype, i, pairs, len(plan.shards), registry, plane.max_message_bytes, plan_id, security,
-              plane.max_concurrent_rpcs or MAX_CONCURRENT_RPCS)
+              plane.max_concurrent_rpcs or MAX_CONCURRENT_RPCS, pace)
         for i, (shard, pairs) in enumerate(zip(plan.shards, sets, strict=True))
     ]
     return ExpertPlane.bind(plane.rebalance_interval_s, plane.redundant_experts, *shards)

@@ -19,6 +19,7 @@ from experiment.workloads import POLICIES, WORKLOADS, workload
 
 log = logging.getLogger(__name__)
 
+PACE_MS = (2.0, 1.0)  # per expert, per row: see HotExpertsOptions.paced_expert_ms
 QUICK = {"workloads": ["zipf-1.2"], "duration_s": 8.0, "num_shards": 2, "budget": 4, "max_batch": 32,
          "replace_every_s": 3.0}
 
@@ -47,8 +48,14 @@ class HotExpertsOptions:
     max_batch: int = field(default=64, metadata={"help": "live: sequences decoded together"})
     kill_at: float | None = field(default=None, metadata={
         "help": "kill a replica of the hottest shard this many seconds into every run"})
-    replace_every_s: float = field(default=10.0, metadata={"help": "raymoe+replace: seconds between rebalances"})
+    replace_every_s: float = field(default=5.0, metadata={"help": "raymoe+replace: seconds between rebalances"})
     expert_num_cpus: float = field(default=0.1, metadata={"help": "live: CPUs per expert replica"})
+    paced_expert_ms: float = field(default=PACE_MS[0], metadata={
+        "help": "live: every replica stands for a device of its own, whose run of expert math lasts at least this "
+                "per expert it touches plus --paced-row-ms per (token, expert) row; the replicas of a machine share "
+                "its cores, so without it more replicas of a shard add no compute (0 and 0: real time only)"})
+    paced_row_ms: float = field(default=PACE_MS[1], metadata={
+        "help": "live: the modelled time of one (token, expert) row on a replica (see --paced-expert-ms)"})
     address: str | None = field(default=None, metadata={
         "help": "live: the Ray cluster to run on (default: start a local one)"})
     out: Path | None = field(default=None, metadata={
@@ -137,7 +144,8 @@ def run_live(o: HotExpertsOptions, runs: list[tuple[str, str]], bar, config: dic
         raise ValueError(f"a budget of {budget} replicas cannot give each of {shards} shards one")
     r = LiveRun(model=str(BUNDLED_MODEL), num_shards=shards, budget=budget, duration_s=o.duration_s, rate=o.rate,
                 tokens_per_request=o.tokens_per_request, max_batch=o.max_batch, expert_num_cpus=o.expert_num_cpus,
-                replace_every_s=o.replace_every_s, kill_at_s=o.kill_at, seed=o.seed)
+                replace_every_s=o.replace_every_s, kill_at_s=o.kill_at, seed=o.seed,
+                paced_ms=(o.paced_expert_ms, o.paced_row_ms))
     if any(w == "real" for w, _ in runs):
         r.prompts = held_out_prompts(BUNDLED_MODEL)
     config.update(num_shards=shards, budget=budget)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PLANE_IMPORT_PATH = "cluster.expert_plane:build_expert_plane_app"
 GIVE_UP_S = 60.0  # a step that cannot reach its experts for this long fails its requests
+SWITCH_S = 2.0  # about what a live re-placement takes to switch (see cluster.rebalance.switch_placement)
 CALIBRATED_LOAD = 0.7  # the default arrival rate's share of what the starting plane decodes: busy, not drowning
 
 
@@ -58,6 +59,7 @@ class LiveRun:
     replace_every_s: float
     kill_at_s: float | None = None
     seed: int = 0
+    paced_ms: tuple[float, float] = (0.0, 0.0)  # replicas as devices of their own: ms per expert, per row
     prompts: list[list[int]] = field(default_factory=list)  # token ids, for `real`
     rates: dict[str, float] = field(default_factory=dict)  # the rate used per kind of workload
     applied: dict[str, str] = field(default_factory=dict)  # plane -> the policy its config is now ("pinned")
@@ -82,11 +84,13 @@ def plane_app(policy: str, r: LiveRun, name: str, pinned: bool = False) -> dict:
     pinned: the policy's plane held at the starting counts (between runs).
     """
     each = r.budget // r.num_shards
+    common = dict(num_shards=r.num_shards, expert_num_cpus=r.expert_num_cpus,
+                  paced_expert_ms=r.paced_ms[0] or None, paced_row_ms=r.paced_ms[1] or None)
     if group(policy) == "raymoe":
-        plane = ExpertPlaneConfig(num_shards=r.num_shards, replicas_per_shard=1, expert_num_cpus=r.expert_num_cpus,
-                                  max_replicas_per_shard=r.budget - (r.num_shards - 1), max_total_replicas=r.budget)
+        plane = ExpertPlaneConfig(replicas_per_shard=1, max_replicas_per_shard=r.budget - (r.num_shards - 1),
+                                  max_total_replicas=r.budget, **common)
     else:
-        plane = ExpertPlaneConfig(num_shards=r.num_shards, replicas_per_shard=each, expert_num_cpus=r.expert_num_cpus)
+        plane = ExpertPlaneConfig(replicas_per_shard=each, **common)
     cfg = serve_config(EngineConfig(model=r.model), plane, ServerConfig())
     app = cfg["applications"][0]
     app.update(name=name, route_prefix=f"/{name}", import_path=PLANE_IMPORT_PATH)
@@ -171,6 +175,7 @@ class Sampler(threading.Thread):
         self.rec, self.directory, self.rows_sent = rec, directory, rows_sent
         self.stop = threading.Event()
         self.shard_of: dict[str, int] = {}
+        self.per_replica: list[tuple[float, dict[str, int]]] = []  # (time, rows each serving replica ran that second)
 
     def run(self) -> None:
         before = dict(self.rows_sent)
@@ -189,6 +194,7 @@ class Sampler(threading.Thread):
             before = now
             s = self.rec.series
             s["t"].append(round(time.monotonic() - self.rec.t0, 2))
+            self.per_replica.append((s["t"][-1], per_replica))
             for shard in range(self.rec.n_shards):
                 s["replicas"][str(shard)].append(sum(e["shard"] == shard for e in entries))
                 s["load"][str(shard)].append(sum(n for rid, n in per_replica.items() if self.shard_of[rid] == shard))
@@ -262,7 +268,7 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
         sampler.join()
         for t in background:
             t.join()
-        return summarize(rec, r, decisions(name), t0, kill or None)
+        return summarize(rec, r, decisions(name), t0, kill or None, sampler.per_replica)
     finally:
         backend.close()
 
@@ -475,7 +481,28 @@ def throughput_lost(rec: Recorder, at: float, r: LiveRun, before_s: float = 10.0
     return max(0.0, (backlog(rec, hi, r.tokens_per_request) - usual) / demanded)
 
 
-def summarize(rec: Recorder, r: LiveRun, log_: list[dict], t0: float, kill: dict | None) -> dict:
+def settled_imbalance(per_replica: list[tuple[float, dict[str, int]]], since: float, min_s: int = 5) -> float | None:
+    """Per-replica imbalance of the rows each replica ran per second it served, from `since` (s into the run) on;
+    a replica serving fewer than min_s of those seconds (starting, killed) is left out. Over many seconds, so that
+    it says how even the placement and the spread are, not how many rows one second happened to draw.
+
+    Example: replica a ran 100 and 120 rows in two seconds, b 90 and 90, c 30 in one: rates a 110, b 90 (c left
+    out with min_s 2): mean 100, imbalance (110 - 100) / 100 = 0.1.
+    """
+    rows: dict[str, int] = {}
+    seconds: dict[str, int] = {}
+    for t, counts in per_replica:
+        if t < since:
+            continue
+        for rid, n in counts.items():
+            rows[rid] = rows.get(rid, 0) + n
+            seconds[rid] = seconds.get(rid, 0) + 1
+    rates = [rows[rid] / seconds[rid] for rid in rows if seconds[rid] >= min_s]
+    return imbalance(rates) if len(rates) > 1 else None
+
+
+def summarize(rec: Recorder, r: LiveRun, log_: list[dict], t0: float, kill: dict | None,
+              per_replica: list[tuple[float, dict[str, int]]]) -> dict:
     wall0 = time.time() - (time.monotonic() - t0)
     span = max(rec.done_tokens[-1] - t0, 1e-9) if rec.done_tokens else r.duration_s
     replicas = [sum(v[i] for v in rec.series["replicas"].values()) for i in range(len(rec.series["t"]))]
@@ -492,6 +519,11 @@ def summarize(rec: Recorder, r: LiveRun, log_: list[dict], t0: float, kill: dict
         "decisions": [d for d in decision_entries(log_, wall0, rec.series) if d["time"] >= -5],
         "kill": None, "series": rec.series,
     }
+    # From the first re-placement's switch on (or, for the policies that never re-place, the time it would have
+    # come), so that every policy is judged over the same part of the run.
+    first = min((d["time"] + (d["seconds_to_serving"] or 0.0) for d in out["decisions"] if d["kind"] == "rebalance"),
+                default=r.replace_every_s + SWITCH_S)
+    out["imbalance_after_replace"] = settled_imbalance(per_replica, first)
     if kill is not None:
         out["kill"] = {**kill, "failed": rec.failed, "throughput_lost": throughput_lost(rec, kill["at"], r)}
         out["decisions"].append({"time": kill["at"], "kind": "kill", "seconds_to_serving": None,

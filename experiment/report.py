@@ -99,13 +99,14 @@ def table(result: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     head = f"{'workload':<9} {'policy':<15} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'TTFT p99':>9} {'failed':>6} " \
-           f"{'replicas':>8} {'imbal.':>6}"
+           f"{'replicas':>8} {'imbal.':>6} {'settled':>7}"
     lines = [("SIMULATED: " if result["simulated"] else "") + head]
     for w, policies in result["workloads"].items():
         for p, r in policies.items():
             lines.append(f"{w:<9} {p:<15} {num(r['tokens_per_s'], '8.0f')} {num(r['p50_ms'], '8.1f')} "
                          f"{num(r['p99_ms'], '8.1f')} {num(r.get('ttft_p99_ms'), '9.1f')} {r['failed']:>6} "
-                         f"{num(r['avg_replicas'], '8.1f')} {num(r['imbalance_p50'], '6.2f')}")
+                         f"{num(r['avg_replicas'], '8.1f')} {num(r['imbalance_p50'], '6.2f')} "
+                         f"{num(r.get('imbalance_after_replace'), '7.2f')}")
             if r.get("kill"):
                 k = r["kill"]
                 lines.append(f"{'':<9} {'':<15} kill at {k['at']:.0f}s: {k['failed']} failed, "

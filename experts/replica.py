@@ -27,6 +27,7 @@ from experts.coalesce import Coalescer
 from experts.ffn import ExpertSet
 from experts.holdings import DRAIN_VIEW_S, Holdings
 from experts.load import LoadMeter, LoadReport
+from experts.pace import UNPACED, Pace
 from experts.security import ReplicaSecurity, replica_channel
 from experts.wire import WIRE_NAMES, WireError, from_wire, grpc_options, to_wire
 from protos import expert_pb2
@@ -78,9 +79,9 @@ class ExpertServicer:
     """
 
     def __init__(self, experts: ExpertSet, dim: int, n_layers: int, n_experts: int, dtype: torch.dtype,
-                 info: expert_pb2.InfoResponse, device: torch.device):
+                 info: expert_pb2.InfoResponse, device: torch.device, pace: Pace = UNPACED):
         self.dim, self.n_layers, self.n_experts, self.dtype = dim, n_layers, n_experts, dtype
-        self.info, self.device = info, device
+        self.info, self.device, self.pace = info, device, pace
         self.coalescer: Coalescer[Job, tuple[torch.Tensor, int]] = Coalescer(self.run_batch)
         self.load = LoadMeter(experts.pairs, queued=lambda: self.coalescer.waiting)
         self.set_experts(experts)
@@ -187,8 +188,10 @@ class ExpertServicer:
         t = time.perf_counter_ns()
         d = self.device
         out = experts.forward(layer, x.to(d), ids.to(d), w.to(d)).cpu()  # (N, dim)
-        ns = time.perf_counter_ns() - t
         counts = np.bincount(ids.numpy().ravel() + 1, minlength=self.n_experts + 1)[1:]  # slot -1: not here
+        if self.pace.on:  # the device this replica stands for is busy that long: the load meter sees it so
+            self.pace.hold(t, counts.tolist())
+        ns = time.perf_counter_ns() - t
         self.load.record(layer, {e: int(n) for e, n in enumerate(counts) if n}, ns / 1e9, calls)
         return out, ns
 
@@ -318,14 +321,15 @@ class ExpertShard:
 
     def __init__(self, model: str, dtype: str, shard: int, pairs: list[tuple[int, int]], num_shards: int,
                  registry: Registry, max_message_bytes: int, plan_id: str, security: ReplicaSecurity,
-                 max_concurrent_rpcs: int):
+                 max_concurrent_rpcs: int, pace: Pace = UNPACED):
         """pairs: what the deployed plan (plan_id) gives this shard, until a rebalance gives it others.
-        security: the application's data-plane token (required) and TLS."""
+        security: the application's data-plane token (required) and TLS. pace: the device this replica stands
+        for in experiments (experts.pace; default: none, real time only)."""
         import ray
 
         if not security.token:
             raise ValueError("an expert replica needs its application's data-plane token")
-        self.security, self.max_concurrent_rpcs = security, max_concurrent_rpcs
+        self.security, self.max_concurrent_rpcs, self.pace = security, max_concurrent_rpcs, pace
         ctx = serve.get_replica_context()
         self.app, self.replica_id = ctx.app_name, ctx.replica_id.unique_id
         self.registry = registry
@@ -360,7 +364,7 @@ class ExpertShard:
         if self.servicer is None:  # the first set: start the server on it
             a = self.holdings.ckpt.args
             self.servicer = ExpertServicer(experts, a.dim, a.n_layers, a.n_experts, self.holdings.dtype, self.info,
-                                           self.holdings.device)
+                                           self.holdings.device, self.pace)
             self.server = GrpcServer(self.servicer, ray.util.get_node_ip_address(), self.entry["max_message_bytes"],
                                      self.security, self.max_concurrent_rpcs)
             self.metrics = ReplicaMetrics(self.entry["shard"])

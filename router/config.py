@@ -86,6 +86,12 @@ class ExpertPlaneConfig:
                 "system's roots)"})
     data_plane_tls_server_name: str | None = field(default=None, metadata={
         "help": "the name replicas' certificate is issued for (default: the replica's IP address)"})
+    paced_expert_ms: float | None = field(default=None, metadata={
+        "help": "experiments: each replica stands for a device of its own, whose every run of expert math lasts "
+                "at least this per expert it touches plus --paced-row-ms per (token, expert) row (for machines "
+                "whose replicas share cores; default: real time only)"})
+    paced_row_ms: float | None = field(default=None, metadata={
+        "help": "experiments: the modelled time of one (token, expert) row (see --paced-expert-ms)"})
 
     def __post_init__(self):
         if self.expert_backend not in EXPERT_BACKENDS:
@@ -101,6 +107,9 @@ class ExpertPlaneConfig:
             raise ValueError(f"rebalance_interval_s must be > 0, got {self.rebalance_interval_s}")
         if self.redundant_experts is not None and self.redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
+        for name in ("paced_expert_ms", "paced_row_ms"):
+            if (getattr(self, name) or 0.0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
         if (self.data_plane_tls_cert is None) != (self.data_plane_tls_key is None):

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from experts.coalesce import Coalescer
 from experts.ffn import ExpertSet
+from experts.pace import UNPACED, Pace
 from experts.replica import SERVICE, ExpertServicer, GrpcServer
 from experts.wire import from_wire, to_wire
 from protos import expert_pb2
@@ -46,10 +47,10 @@ def request(layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> 
 class Replica:
     """An ExpertServicer on its own grpc.aio server (loopback), as an ExpertShard runs it."""
 
-    def __init__(self, experts: ExpertSet, dim: int, layers: int = 2):
+    def __init__(self, experts: ExpertSet, dim: int, layers: int = 2, pace: Pace = UNPACED):
         self.experts = experts
         self.servicer = ExpertServicer(experts, dim, layers, N_EXPERTS, torch.float32,
-                                       expert_pb2.InfoResponse(shard=0), torch.device("cpu"))
+                                       expert_pb2.InfoResponse(shard=0), torch.device("cpu"), pace)
         self.server = GrpcServer(self.servicer, "127.0.0.1", MAX_MESSAGE)
         self.channel = grpc.insecure_channel(self.server.address, options=[
             ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])
@@ -309,3 +310,26 @@ def test_a_caller_that_gives_up_while_queued_is_dropped_from_its_batch():
     batches, results, waiting = asyncio.run(main())
     assert batches == [(0, ["a"]), (0, ["b"])] and results == [(0, "a"), (0, "b")] and waiting == 0
 
+
+
+def test_a_paced_replica_is_busy_for_its_modelled_time_and_its_load_meter_sees_it():
+    """Paced (a device of its own in an experiment), a run of math lasts at least per expert touched plus per row,
+    and that is what the replica reports as busy: Serve's autoscaler and the routers see a device's load."""
+    pace = Pace(per_expert_s=0.05, per_row_s=0.01)
+    r = Replica(expert_set(16, 32), 16, pace=pace)
+    try:
+        x, _, w = tokens(6, 16, 2, seed=1)
+        ids = torch.tensor([[0, 1], [1, 0], [0, -1], [1, -1], [0, 1], [-1, 0]], dtype=torch.int32)  # 9 rows, 2 experts
+        modelled = pace.seconds([5, 4])
+        assert modelled == pytest.approx(2 * 0.05 + 9 * 0.01)
+        reply = r.forward(request(0, x, ids, w), timeout=60)
+        assert reply.compute_ns >= modelled * 1e9
+        assert_solo(r, 0, (x, ids, w), reply)  # pacing changes when, never what
+        assert sum(b.busy for b in r.servicer.load.buckets) >= modelled  # busy seconds, as reported to Serve
+    finally:
+        r.close()
+
+
+def test_pace_rejects_negative_times():
+    with pytest.raises(ValueError, match=">= 0"):
+        Pace(per_row_s=-1e-3)

@@ -89,6 +89,17 @@ def test_throughput_lost_counts_what_the_minute_did_not_deliver():
     assert throughput_lost(rec, 30.0, r) == pytest.approx(2.3 / 60, abs=0.005)
 
 
+def test_settled_imbalance_is_per_replica_rate_over_the_seconds_each_served():
+    from experiment.live import settled_imbalance
+
+    # The docstring's example, then: seconds before `since` do not count, nor does a replica that barely served.
+    per_replica = [(10.0, {"a": 100, "b": 90}), (11.0, {"a": 120, "b": 90, "c": 30})]
+    assert settled_imbalance(per_replica, since=10.0, min_s=2) == pytest.approx(0.1)
+    assert settled_imbalance([(5.0, {"a": 1000, "b": 0}), *per_replica], since=10.0, min_s=2) == pytest.approx(0.1)
+    assert settled_imbalance(per_replica, since=10.0, min_s=1) == pytest.approx(110 / ((110 + 90 + 30) / 3) - 1)
+    assert settled_imbalance(per_replica, since=12.0) is None  # nothing after: no figure, not a perfect one
+
+
 def test_quick_live_run(ray_session, tmp_path):
     """All four policies on a live plane: the shape other tools read, PNGs, and what each policy did."""
     result = run(HotExpertsOptions(quick=True, out=tmp_path))

@@ -66,9 +66,9 @@ class TrainableMixtral(nn.Module):
         """tokens (B, T) -> logits (B, T, V), gate logits per layer (B T, E)."""
         a, m = self.args, self.core
         B, T = tokens.shape
-        mask = window_mask(T, a.sliding_window)
+        mask = window_mask(T, a.sliding_window).to(tokens.device)
         h = m.tok_embeddings(tokens)  # (B, T, D)
-        cos, sin = m.rope.cos_sin(torch.arange(T), h.dtype)  # (T, 1, hd)
+        cos, sin = (t.to(h.device) for t in m.rope.cos_sin(torch.arange(T), h.dtype))  # (T, 1, hd)
         gates = []
         for i, layer in enumerate(m.layers):
             att = layer.attention
@@ -99,7 +99,7 @@ class TrainableMixtral(nn.Module):
         xs = x[order // k].split(counts)
         ys = torch.cat([swiglu(c, self.w13[layer, e].T, self.w2[layer, e].T) for e, c in enumerate(xs)])  # (N k, D)
         inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order))
+        inverse[order] = torch.arange(len(order), device=order.device)
         return (ys[inverse].view(N, k, -1) * weights[..., None].to(x.dtype)).sum(1)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
