@@ -86,6 +86,10 @@ class ExpertPlaneConfig:
                 "system's roots)"})
     data_plane_tls_server_name: str | None = field(default=None, metadata={
         "help": "the name replicas' certificate is issued for (default: the replica's IP address)"})
+    locality_grouping: bool = field(default=True, metadata={
+        "help": "routers send each (token, expert) to the replica of its shard that takes that expert's tokens "
+                "(rendezvous hashing of (layer, expert), bounded loads), so a replica's call holds few experts and "
+                "their matmuls more rows; off: rows spread by row number (the locality-blind baseline)"})
 
     def __post_init__(self):
         if self.expert_backend not in EXPERT_BACKENDS:
