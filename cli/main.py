@@ -17,6 +17,7 @@ from bench.dispatch import DispatchBenchOptions
 from bench.elastic import ElasticBenchOptions
 from bench.engine import EngineBenchOptions
 from bench.fuzz import FuzzBenchOptions
+from bench.locality import LocalityBenchOptions
 from bench.routing import RoutingReportOptions
 from bench.serve import ServeBenchOptions
 from bench.shutdown import ShutdownBenchOptions
@@ -323,6 +324,9 @@ BENCHMARKS = {
              "errors, router and replica memory growth, latency percentiles", SoakBenchOptions, "bench.soak"),
     "shutdown": ("LLM with Ray experts created and shut down many times in one process: nothing left behind",
                  ShutdownBenchOptions, "bench.shutdown"),
+    "locality": ("expert-locality grouping against the locality-blind baseline on the bundled model's real routing, "
+                 "decoding on a plane of several replicas per shard: tokens per expert matmul, messages per token, "
+                 "dispatch time hidden, step times, tokens/s (JSON + PNG)", LocalityBenchOptions, "bench.locality"),
 }
 
 EXPERIMENTS = {

@@ -84,7 +84,8 @@ class Router:
             backend = None
             if remote_experts:
                 backend = connect_experts(Checkpoint(resolve_model(engine.model)), parse_dtype(engine.dtype),
-                                          app_name=app_name, call_timeout_s=plane.call_timeout_s)
+                                          app_name=app_name, call_timeout_s=plane.call_timeout_s,
+                                          locality_grouping=plane.locality_grouping)
             if server.api_key is None and os.environ.get("RAYMOE_API_KEY"):
                 server = ServerConfig(**{**vars(server), "api_key": os.environ["RAYMOE_API_KEY"]})
             self.server = OpenAIServer(engine, server, backend)

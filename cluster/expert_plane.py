@@ -122,11 +122,13 @@ def current_app_name() -> str | None:
 
 def connect_experts(ckpt: Checkpoint, dtype: torch.dtype, app_name: str | None = None, *,
                     timeout_s: float = 300.0, call_timeout_s: float = ExpertPlaneConfig.call_timeout_s,
-                    token: str | None = None) -> ExpertBackend:
+                    token: str | None = None, locality_grouping: bool = ExpertPlaneConfig.locality_grouping
+                    ) -> ExpertBackend:
     """The gRPC backend to the expert plane `app_name`, once every shard has a live replica.
 
     app_name defaults to the caller's own Serve application, else to the only plane in the cluster; token
-    to the app's (cluster.plane_token.app_token). TLS is as the replicas registered it.
+    to the app's (cluster.plane_token.app_token). TLS is as the replicas registered it. locality_grouping:
+    ExpertPlaneConfig's.
     """
     directory = DirectoryClient()
     if app_name is None:
@@ -144,7 +146,7 @@ def connect_experts(ckpt: Checkpoint, dtype: torch.dtype, app_name: str | None =
         raise ValueError(f"expert plane {app_name!r} serves {sorted(bad)} experts, this router runs {want}")
     a = ckpt.args
     return GrpcExperts(directory, a.n_layers, a.n_experts, timeout_s=call_timeout_s,
-                       token=token or app_token(app_name))
+                       token=token or app_token(app_name), group_by_expert=locality_grouping)
 
 
 class RayExperts(ExpertBackend):
@@ -186,7 +188,8 @@ def ray_expert_backend(plane: ExpertPlaneConfig, ckpt: Checkpoint, dtype: torch.
         started_serve = start_serve()
         serve.run(app, name=name, route_prefix=None)
         log.info("expert plane %r is up", name)
-        backend = connect_experts(ckpt, dtype, name, call_timeout_s=plane.call_timeout_s, token=token)
+        backend = connect_experts(ckpt, dtype, name, call_timeout_s=plane.call_timeout_s, token=token,
+                                  locality_grouping=plane.locality_grouping)
         return RayExperts(backend, name, started_serve, started_ray)
     except BaseException:
         remove_apps([name], started_serve, started_ray)

@@ -92,6 +92,10 @@ class ExpertPlaneConfig:
                 "whose replicas share cores; default: real time only)"})
     paced_row_ms: float | None = field(default=None, metadata={
         "help": "experiments: the modelled time of one (token, expert) row (see --paced-expert-ms)"})
+    locality_grouping: bool = field(default=True, metadata={
+        "help": "routers send each (token, expert) to the replica of its shard that takes that expert's tokens "
+                "(rendezvous hashing of (layer, expert), bounded loads), so a replica's call holds few experts and "
+                "their matmuls more rows; off: rows spread by row number (the locality-blind baseline)"})
 
     def __post_init__(self):
         if self.expert_backend not in EXPERT_BACKENDS:

@@ -1,8 +1,11 @@
 """The gRPC dispatch backend: per layer, scatter tokens to the replicas owning their experts, gather sums.
 
-A shard's tokens spread over all its live replicas, by sequence (consistent hashing with bounded loads,
-weighted by the load each replica reports on its replies), so one more replica takes load off every
-other and a sequence keeps its replica from step to step. One message per replica touched per layer,
+A shard's tokens spread over all its live replicas by expert (router.rendezvous: consistent hashing of
+(layer, expert) with bounded loads, weighted by the load each replica reports on its replies): a replica's
+call holds the tokens of few experts, so its matmuls have more rows, every router sends an expert's tokens
+to the same replica, one more replica takes load off every other, and a sequence that keeps its expert
+keeps its replica. The locality-blind baseline (group_by_expert off) spreads whole rows by row number.
+One message per replica touched per layer,
 all in flight at once, each with a deadline. A replica that fails or is too slow becomes suspect for
 this router (reported to the directory, which re-checks it), and its tokens go to another replica of
 the same shard: a dying replica costs latency, not a request. A shard with no replica left makes the
@@ -37,6 +40,7 @@ from experts.security import ClientTLS, call_metadata, replica_channel
 from experts.wire import WIRE_NAMES, WireError, array_to_wire, from_wire, grpc_options, raw_rows
 from protos import expert_pb2, expert_pb2_grpc
 from router.dispatch import ExpertBackend, ExpertsUnavailable
+from router.rendezvous import group_by_expert, mix64, spread
 
 log = logging.getLogger(__name__)
 
@@ -153,45 +157,6 @@ def holder_table(entries: list[dict], n_layers: int, n_experts: int) -> tuple[np
     return table, count
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 of uint64s: a well-spread hash, the same in every router."""
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def spread(keys: np.ndarray, seeds: np.ndarray, weights: np.ndarray, epsilon: float = 0.25) -> np.ndarray:
-    """keys (N,) sequence of each row, seeds/weights (R,) per replica -> (N,) replica index of each row.
-
-    Weighted rendezvous hashing with bounded loads: each sequence ranks the replicas by -w / ln(u), u its
-    hash with the replica's seed, and takes the best one that still has room; a replica's room is
-    (1 + epsilon) times its weighted share of the rows. So a sequence stays where it was while the load
-    allows, a replica added takes a fair share from every other, and none gets more than its bound.
-
-    Example: keys [7, 7, 9, 4], two replicas of equal weight: room ceil(1.25 * 4 / 2) = 3 each. Sequence 7
-    (2 rows, placed first as the biggest) goes to its first choice, say replica 1; 9 and 4 follow, each
-    to its first choice while that has room left, else to its second.
-    """
-    R = len(seeds)
-    if R == 1:
-        return np.zeros(len(keys), dtype=np.int64)
-    uk, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    h = _mix(uk.astype(np.uint64)[:, None] ^ seeds.astype(np.uint64)[None, :])  # (K, R)
-    u = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # uniform in (0, 1)
-    rank = np.argsort(weights[None, :] / np.log(u), axis=1)  # -w / ln(u) descending == w / ln(u) ascending
-    room = np.ceil((1 + epsilon) * len(keys) * weights / weights.sum())
-    choice = np.empty(len(uk), dtype=np.int64)
-    for i in np.lexsort((uk, -counts)):  # biggest sequences first, ties by key: the same in every router
-        c = counts[i]
-        fits = [r for r in rank[i] if room[r] >= c]
-        r = fits[0] if fits else int(np.argmax(room))
-        choice[i] = r
-        room[r] -= c
-    return choice[inverse]
-
-
 def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray) -> np.ndarray:
     """ids (T, k) experts of `layer`, keys (T,) sequences, n_holders (E,) copies of each -> (T, k) which copy.
 
@@ -207,7 +172,7 @@ def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray
     pick = np.zeros(ids.size, dtype=np.int64)
     multi = n.ravel() > 1
     if multi.any():
-        h = _mix(keys.astype(np.uint64)[:, None] ^ (ids.astype(np.uint64) + np.uint64(layer << 16))).ravel()
+        h = mix64(keys.astype(np.uint64)[:, None] ^ (ids.astype(np.uint64) + np.uint64(layer << 16))).ravel()
         flat = ids.ravel()
         for e in np.unique(flat[multi]).tolist():
             at = np.flatnonzero(flat == e)
@@ -226,10 +191,12 @@ class GrpcExperts(ExpertBackend):
 
     def __init__(self, source: ReplicaSource, n_layers: int, n_experts: int, *, timeout_s: float = 10.0,
                  refresh_s: float = 1.0, suspect_s: float = 2.0, max_message_bytes: int | None = None,
-                 token: str | None = None):
+                 token: str | None = None, group_by_expert: bool = True):
         """timeout_s: deadline of each call; refresh_s: how often the view is re-read from the source;
         suspect_s: how long a replica that failed is left out by this router before it is tried again;
-        token: the application's data-plane token, sent with every call."""
+        token: the application's data-plane token, sent with every call; group_by_expert: a shard's slots go to
+        its replicas by expert (False: rows spread by row number, the locality-blind baseline)."""
+        self.group_by_expert = group_by_expert
         self.source, self.timeout_s, self.suspect_s = source, timeout_s, suspect_s
         self.metadata = call_metadata(token)
         self.n_layers, self.n_experts = n_layers, n_experts
@@ -247,6 +214,7 @@ class GrpcExperts(ExpertBackend):
         self.suspect: dict[str, float] = {}  # replica_id -> monotonic time it may be tried again
         self.busy: dict[str, float] = {}  # replica_id -> the busy fraction its last reply reported
         self.rows_sent: dict[str, int] = {}  # replica_id -> rows this router sent it (for tests and status)
+        self.messages_sent = 0  # Forward calls this router made, retries included (for benchmarks)
         self.tokens = np.zeros((n_layers, n_experts), dtype=np.int64)  # routed since the last report
         self.critical_s: dict[int, float] = {}  # shard -> seconds of layer waits it ended, since the last report
         self.waiting = 0  # requests waiting for a batch slot, as the batching engine last said (note_waiting)
@@ -388,7 +356,7 @@ class GrpcExperts(ExpertBackend):
         ids = expert_ids.cpu().numpy()  # (T, k)
         w = weights.float().cpu().numpy()  # (T, k)
         x_raw = raw_rows(x)  # (T, dim) of same-size integers: rows of raw bytes
-        if keys is None:
+        if keys is None or not self.group_by_expert:  # the locality-blind baseline knows no sequences either
             keys = np.arange(len(ids), dtype=np.int64)
         shard_of = routing.holders[layer][ids, copy_of(layer, ids, keys, routing.n_holders[layer])]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
@@ -396,25 +364,46 @@ class GrpcExperts(ExpertBackend):
         name = WIRE_NAMES[x.dtype]
         out = []
         for s in np.unique(shard_of).tolist():
-            here = shard_of == s  # (T, k)
-            rows = np.flatnonzero(here.any(axis=1))  # (N,)
-            sub_ids = np.where(here, ids, -1)  # (T, k)
             reps = self.candidates(s, routing)
-            if len(reps) == 1:
-                where = np.zeros(len(rows), dtype=np.int64)
-            else:
-                seeds = np.array([r.seed for r in reps], dtype=np.int64)
-                load = np.array([load_weight(self.busy.get(r.replica_id, 0.0)) for r in reps])
-                where = spread(keys[rows], seeds, load)  # (N,)
+            place = self.place(layer, ids, shard_of == s, keys, reps)  # (T, k)
             for j, rep in enumerate(reps):
-                mine = rows[where == j]
-                for i in range(0, len(mine), max_rows):
-                    r = mine[i : i + max_rows]
+                mine = place == j  # (T, k)
+                rows = np.flatnonzero(mine.any(axis=1))  # (N,)
+                sub_ids = np.where(mine, ids, -1)  # (T, k)
+                for i in range(0, len(rows), max_rows):
+                    r = rows[i : i + max_rows]
                     hidden = expert_pb2.Tensor(dtype=name, shape=[len(r), x.shape[1]], data=x_raw[r].tobytes())
                     out.append((s, rep, r, expert_pb2.ForwardRequest(
                         layer=layer, hidden=hidden, expert_ids=array_to_wire(sub_ids[r].astype(np.int32)),
                         weights=array_to_wire(w[r]))))
         return out
+
+    def place(self, layer: int, ids: np.ndarray, here: np.ndarray, keys: np.ndarray, reps: list[Replica]
+              ) -> np.ndarray:
+        """Which of `reps` (one shard's candidates) computes each slot: ids (T, k) the call's experts, here (T, k)
+        the slots bound for this shard, keys (T,) each row's sequence -> (T, k) replica index, -1 off the shard.
+
+        Grouping on: slots by expert (group_by_expert), so each replica's call holds few experts. Off: whole rows
+        by `keys` (spread), which the blind baseline gives as row numbers.
+
+        Example: rows 0 (experts 1, 5), 1 (1, 3) and 2 (7, 0), a shard of 2 replicas holding 1, 3 and 7: 4 slots,
+        room 3 each. Grouped, expert 1's two slots go to its replica, say 0; row 1's expert 3 (one slot) joins
+        them; expert 7 (one slot) goes to replica 1, replica 0 being full: [[0, -1], [0, 0], [1, -1]].
+        """
+        place = np.full(ids.shape, -1, dtype=np.int64)
+        if len(reps) == 1:
+            place[here] = 0
+            return place
+        seeds = np.array([r.seed for r in reps], dtype=np.int64)
+        load = np.array([load_weight(self.busy.get(r.replica_id, 0.0)) for r in reps])
+        if self.group_by_expert:
+            rows, cols = np.nonzero(here)  # (n,) each, row-major: a row's slots side by side
+            place[rows, cols] = group_by_expert(layer, ids[rows, cols], keys[rows], rows, seeds, load)
+        else:
+            rows = np.flatnonzero(here.any(axis=1))  # (N,)
+            place[rows] = spread(keys[rows], seeds, load)[:, None]
+            place[~here] = -1
+        return place
 
     async def _gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]],
                       dtype: torch.dtype) -> list[torch.Tensor]:
@@ -427,6 +416,7 @@ class GrpcExperts(ExpertBackend):
 
         async def call(i: int) -> tuple[torch.Tensor, float]:
             req = messages[i][2]
+            self.messages_sent += 1
             reply = await self._stub(target[i]).Forward(req, timeout=self.timeout_s, metadata=self.metadata)
             answered[i] = time.perf_counter()
             return reply_output(reply, req, dtype), reply.busy
@@ -504,6 +494,15 @@ class GrpcExperts(ExpertBackend):
         for rows, y in outputs:
             out_np[rows] += y.numpy()  # rows are distinct within a message
         return torch.from_numpy(out_np)
+
+    def infos(self) -> dict[str, expert_pb2.InfoResponse]:
+        """replica_id -> its Info reply, for every replica of the view (its load and counters since it started)."""
+        reps = {r.replica_id: r for rs in self.routing.replicas.values() for r in rs}
+
+        async def ask():
+            return await asyncio.gather(*[self._stub(r).Info(expert_pb2.InfoRequest(), timeout=self.timeout_s,
+                                                             metadata=self.metadata) for r in reps.values()])
+        return dict(zip(reps, self._run(ask()), strict=True))
 
     def close(self) -> None:
         self._stop.set()
