@@ -19,7 +19,7 @@ from experiment.workloads import POLICIES, WORKLOADS, workload
 
 log = logging.getLogger(__name__)
 
-PACE_MS = (2.0, 1.0)  # per expert, per row: see HotExpertsOptions.paced_expert_ms
+PACE_MS = (1.0, 8.0)  # per expert, per row: see HotExpertsOptions.paced_expert_ms
 QUICK = {"workloads": ["zipf-1.2"], "duration_s": 8.0, "num_shards": 2, "budget": 4, "max_batch": 32,
          "replace_every_s": 3.0}
 

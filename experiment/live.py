@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 PLANE_IMPORT_PATH = "cluster.expert_plane:build_expert_plane_app"
 GIVE_UP_S = 60.0  # a step that cannot reach its experts for this long fails its requests
+# The policy takes over once the replicas' load window (experts.load, 5 s) holds only the run's traffic: let loose
+# earlier, it reads the idle pause before the run as a plane to shrink.
+POLICY_AFTER_S = 5.0
 SWITCH_S = 2.0  # about what a live re-placement takes to switch (see cluster.rebalance.switch_placement)
 CALIBRATED_LOAD = 0.7  # the default arrival rate's share of what the starting plane decodes: busy, not drowning
 
@@ -108,8 +111,8 @@ def plane_app(policy: str, r: LiveRun, name: str, pinned: bool = False) -> dict:
 
 def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, timeout_s: float = 120.0) -> None:
     """Bring a plane used by an earlier run back to the start: every shard pinned at its starting count, the
-    deployed placement, no replica draining. The policy's own bounds go on once traffic flows (start_policy):
-    an autoscaler let loose on an idle plane would shrink it before the run begins."""
+    deployed placement, no replica draining. The policy's own bounds go on once traffic has flowed for
+    POLICY_AFTER_S (start_policy): an autoscaler let loose on an idle plane would shrink it before the run begins."""
     from cluster.placement import PlacementPlan
     from cluster.rebalance import current_placement, switch_placement
 
@@ -134,8 +137,9 @@ def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, tim
         time.sleep(1.2)  # the routers' view refresh (1 s): the next run starts from what the directory says
 
 
-def start_policy(name: str, policy: str, r: LiveRun) -> None:
-    """Lift the pinned bounds to the policy's (a lightweight update: no replica restarts)."""
+def start_policy(name: str, policy: str, r: LiveRun, at: float) -> None:
+    """Lift the pinned bounds to the policy's at monotonic time `at` (a lightweight update: no replica restarts)."""
+    time.sleep(max(0.0, at - time.monotonic()))
     if policy != "static":
         apply([plane_app(policy, r, name)])
         r.applied[name] = policy
@@ -244,12 +248,11 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
             log.info("%s workloads: %.1f requests/s (%.0f%% of the %.1f this plane decodes with full batches)", kind,
                      r.rates[kind], 100 * r.rates[kind] / full, full)
         times = arrivals(rng, w, r.rates[kind], r.duration_s)
-        start_policy(name, policy, r)
         t0 = time.monotonic()
         rec = Recorder(r.num_shards, t0)
         sampler = Sampler(rec, DirectoryClient(name), backend.rows_sent)
         sampler.start()
-        background = []
+        background = [threading.Thread(target=start_policy, args=(name, policy, r, t0 + POLICY_AFTER_S), daemon=True)]
         kill: dict = {}
         if r.kill_at_s is not None:
             def do_kill():
