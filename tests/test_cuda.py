@@ -138,6 +138,29 @@ def test_float32_on_device_keeps_float32_precision(ckpt):
         assert rel_err(out, reference(ckpt, layer, x, ids, w)) < F32_REL, layer
 
 
+def test_the_trainable_model_trains_on_the_device():
+    """The trainer's model (dense part, gate, MoE arranged for autograd) steps on the device as on the CPU: its
+    rope tables, attention mask and permutations follow the model there (they did not, and the expert-parallel
+    trainer failed on its first CUDA step)."""
+    from training.train import TrainConfig, losses, seeded_model
+
+    cfg = TrainConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, seq_len=32)
+    model, gen = seeded_model(cfg)
+    batch = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1), generator=gen)
+    ce_cpu, aux_cpu = losses(model, batch)
+    (ce_cpu + aux_cpu).backward()
+    grads_cpu = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.to(DEVICE)
+    ce, aux = losses(model, batch.to(DEVICE))
+    (ce + aux).backward()
+    torch.testing.assert_close(ce.cpu(), ce_cpu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(aux.cpu(), aux_cpu, rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        assert p.grad.device.type == DEVICE.type, name
+        torch.testing.assert_close(p.grad.cpu(), grads_cpu[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 # --- (b) a replica's gRPC service with its experts on the device ---------------------------------------------
 
 MAX_MESSAGE = 8 << 20
