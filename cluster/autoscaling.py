@@ -421,7 +421,9 @@ class ExpertPlanePolicy:
         result = decide(loads, self.target_busy, self.max_total_replicas, self.tolerance, waiting)
         fair = 1.0 / max(1, len(loads))
         for name, replicas in result.items():
-            if replicas != loads[name].hold and self._logged.get(name) != replicas:
+            if replicas == loads[name].hold:
+                self._logged.pop(name, None)  # the wish is met or gone: the same one later is a new decision
+            elif self._logged.get(name) != replicas:
                 self._logged[name] = replicas
                 critical = loads[name].critical
                 log_decision(contexts[ids[name]].app_name or ids[name].app_name, "autoscale",

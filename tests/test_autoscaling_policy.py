@@ -387,3 +387,18 @@ def test_wrapped_policy_respects_serve_upscale_delay():
     hot = ctx("ExpertShard-0", 2, busy=[1.2, 1.2], upscale_delay_s=60.0)
     final, _ = wrapped(contexts(hot))
     assert by_name(final) == {"ExpertShard-0": 2}  # Serve holds until the delay has passed
+
+
+def test_a_wish_made_again_after_it_was_dropped_is_logged_again(ray_session):
+    """The decision log says each decision once while it is held, and again when the same one comes back after a
+    time without it (a new run of the hot-experts experiment on the same plane, say): each is its own decision."""
+    from cluster.autoscaling import decisions
+
+    app = "log-again"
+    policy = ExpertPlanePolicy(target_busy=0.6)
+    hot = ctx("ExpertShard-0", 2, busy=[0.9, 0.9], app=app)
+    calm = ctx("ExpertShard-0", 2, busy=[0.6, 0.6], app=app)
+    for c in (hot, hot, calm, hot):
+        policy(contexts(c))
+    logged = [d["detail"] for d in decisions(app) if d["kind"] == "autoscale"]
+    assert len(logged) == 2 and all(d.startswith("ExpertShard-0: 2 -> 3 replicas") for d in logged), logged
