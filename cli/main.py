@@ -128,7 +128,7 @@ def add_flags(p: argparse.ArgumentParser, cls) -> None:
         else:
             kw["type"] = kind
             if many:
-                kw["nargs"] = "*" if meta.get("positional") else "+"
+                kw["nargs"] = "*"  # an empty list is a choice too (--long-tokens with none: skip them)
         if meta.get("positional"):
             kw.pop("dest")
             group.add_argument(f.name, **kw)

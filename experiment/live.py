@@ -321,23 +321,32 @@ def capacity(backend, a, r: LiveRun, seconds: float = 2.0) -> float:
     return steps * r.max_batch / (time.monotonic() - t0) / r.tokens_per_request
 
 
-def model_capacity(ckpt: Checkpoint, backend, r: LiveRun, seconds: float = 3.0) -> float:
-    """Requests/s the bundled model decodes through this plane with its batch full (closed loop)."""
+def model_capacity(ckpt: Checkpoint, backend, r: LiveRun, seconds: float = 12.0) -> float:
+    """Requests/s the bundled model serves through this plane with its batch kept full (closed loop): each request
+    finished is replaced by a new one, so prefills count as they do in the run, not only decode steps."""
     from router.engine import Engine
     from router.model import RouterModel
     from router.sampling import SamplingParams
 
     engine = Engine(RouterModel.from_checkpoint(ckpt, torch.float32), backend,
                     EngineConfig(model=r.model, max_num_seqs=r.max_batch))
-    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
-    for i in range(r.max_batch):
-        engine.add_request(r.prompts[i % len(r.prompts)], params)
-    while any(not s.prefilled for s in engine.running + list(engine.waiting)):
-        engine.step()
-    tokens, t0 = 0, time.monotonic()
+    params = SamplingParams(temperature=0.0, max_tokens=r.tokens_per_request, ignore_eos=True)
+    added = 0
+
+    def add() -> None:
+        nonlocal added
+        engine.add_request(r.prompts[added % len(r.prompts)], params)
+        added += 1
+
+    for _ in range(r.max_batch):
+        add()
+    done, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < seconds:
-        tokens += len(engine.step())
-    return tokens / (time.monotonic() - t0) / r.tokens_per_request
+        for s in engine.step():
+            if s.finished:
+                done += 1
+                add()
+    return done / (time.monotonic() - t0)
 
 
 def with_retries(fn, rec: Recorder, ids: list[int]):

@@ -23,3 +23,11 @@ def test_the_roof_is_the_slower_of_reading_and_multiplying():
     assert bound == "memory" and rate == pytest.approx(32 * 10.6e9 / weight_bytes_per_step(cfg, 32))
     rate, bound = roof_tokens_per_s(cfg, 32, 10.6e9, 1e9)  # a machine that barely multiplies
     assert bound == "compute" and rate == pytest.approx(1e9 / flops_per_token(cfg))
+
+
+def test_list_flags_take_several_values_or_none():
+    """`--long-tokens` with no value skips the long runs, as its help says (argparse refused it with nargs '+')."""
+    from cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "engine", "--long-tokens", "--batch-sizes", "1", "8"])
+    assert args.long_tokens == [] and args.batch_sizes == [1, 8]
