@@ -39,8 +39,9 @@ class HotExpertsOptions:
     gpus: int = field(default=64, metadata={"help": "simulation: GPUs, one replica each (the replica budget)"})
     duration_s: float = field(default=60.0, metadata={"help": "seconds per (workload, policy) run"})
     rate: float | None = field(default=None, metadata={
-        "help": "requests per second, Poisson (default, live: 70% of what the starting plane decodes with full "
-                "batches, measured before the first synthetic and the first `real` run)"})
+        "help": "requests per second, Poisson (default, live: 70% of what the starting plane serves with full "
+                "batches, closed loop, measured before the first synthetic and the first `real` run; for `real` "
+                "prefills included)"})
     tokens_per_request: int = field(default=16, metadata={"help": "tokens generated per request"})
     num_shards: int | None = field(default=None, metadata={"help": "live: expert shards (default: one per expert)"})
     budget: int | None = field(default=None, metadata={

@@ -245,7 +245,7 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
         if kind not in r.rates:
             full = (model_capacity(ckpt, backend, r) if w.real else capacity(backend, a, r))
             r.rates[kind] = r.rate or CALIBRATED_LOAD * full
-            log.info("%s workloads: %.1f requests/s (%.0f%% of the %.1f this plane decodes with full batches)", kind,
+            log.info("%s workloads: %.1f requests/s (%.0f%% of the %.1f this plane serves with full batches)", kind,
                      r.rates[kind], 100 * r.rates[kind] / full, full)
         times = arrivals(rng, w, r.rates[kind], r.duration_s)
         t0 = time.monotonic()
@@ -321,9 +321,10 @@ def capacity(backend, a, r: LiveRun, seconds: float = 2.0) -> float:
     return steps * r.max_batch / (time.monotonic() - t0) / r.tokens_per_request
 
 
-def model_capacity(ckpt: Checkpoint, backend, r: LiveRun, seconds: float = 12.0) -> float:
-    """Requests/s the bundled model serves through this plane with its batch kept full (closed loop): each request
-    finished is replaced by a new one, so prefills count as they do in the run, not only decode steps."""
+def model_capacity(ckpt: Checkpoint, backend, r: LiveRun, max_s: float = 180.0) -> float:
+    """Requests/s the bundled model serves through this plane with its batch kept full (closed loop), over the
+    time it takes to finish a batch's worth of requests: each one finished is replaced by a new one, so prefills
+    count as they do in the run, not only decode steps."""
     from router.engine import Engine
     from router.model import RouterModel
     from router.sampling import SamplingParams
@@ -341,11 +342,13 @@ def model_capacity(ckpt: Checkpoint, backend, r: LiveRun, seconds: float = 12.0)
     for _ in range(r.max_batch):
         add()
     done, t0 = 0, time.monotonic()
-    while time.monotonic() - t0 < seconds:
+    while done < r.max_batch and time.monotonic() - t0 < max_s:
         for s in engine.step():
             if s.finished:
                 done += 1
                 add()
+    if not done:
+        raise RuntimeError(f"the model finished no request in {max_s:.0f}s through this plane: pass --rate")
     return done / (time.monotonic() - t0)
 
 
