@@ -84,7 +84,7 @@ class DirectCalls:
         self.metadata = experts.metadata
 
         async def connect():
-            chans = {r.address: experts.open_channel(r) for r in replicas}
+            chans = {a: experts.open_channel(r) for a, r in {r.address: r for r in replicas}.items()}  # one per replica
             return chans, {a: expert_pb2_grpc.ExpertServiceStub(c) for a, c in chans.items()}
         self.channels, self.stubs = self.loop.run_until_complete(connect())
 

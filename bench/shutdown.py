@@ -53,8 +53,8 @@ def one_cycle(model: Path, o: ShutdownBenchOptions, before: Snapshot) -> dict:
     found = leaks(before, after, allowed_actors={DIRECTORY_NAME})
     if ref() is not None:
         found.append("the LLM is still referenced after shutdown")
-    if connections_to(addresses):
-        found.append(f"connections to its replicas: {connections_to(addresses)}")
+    if conns := connections_to(addresses):
+        found.append(f"connections to its replicas: {conns}")
     import ray
 
     if ray.is_initialized() and app in DirectoryClient().app_names():

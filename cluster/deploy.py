@@ -47,8 +47,8 @@ def apply(applications: list[dict], timeout_s: float = 300.0) -> None:
         give_token(app, deployed.get(app["name"]))
     apps = deployed | {app["name"]: app for app in applications}
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
-    deadline = time.monotonic() + timeout_s
     for app in applications:
+        deadline = time.monotonic() + timeout_s  # each app's own, as Serve's wait gives each one
         try:
             client._wait_for_application_running(app["name"], timeout_s=int(timeout_s))
             wait_routers_ready(app["name"], deadline - time.monotonic())

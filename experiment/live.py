@@ -140,9 +140,8 @@ def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, tim
 def start_policy(name: str, policy: str, r: LiveRun, at: float) -> None:
     """Lift the pinned bounds to the policy's at monotonic time `at` (a lightweight update: no replica restarts)."""
     time.sleep(max(0.0, at - time.monotonic()))
-    if policy != "static":
-        apply([plane_app(policy, r, name)])
-        r.applied[name] = policy
+    apply([plane_app(policy, r, name)])
+    r.applied[name] = policy
 
 
 class Recorder:
@@ -252,7 +251,8 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
         rec = Recorder(r.num_shards, t0)
         sampler = Sampler(rec, DirectoryClient(name), backend.rows_sent)
         sampler.start()
-        background = [threading.Thread(target=start_policy, args=(name, policy, r, t0 + POLICY_AFTER_S), daemon=True)]
+        background = [] if policy == "static" else [  # static's bounds are the pinned ones
+            threading.Thread(target=start_policy, args=(name, policy, r, t0 + POLICY_AFTER_S), daemon=True)]
         kill: dict = {}
         if r.kill_at_s is not None:
             def do_kill():

@@ -46,7 +46,7 @@ class LoadMeter:
         self.started = clock()
         self.totals: dict[Pair, int] = dict.fromkeys(pairs, 0)
         self.calls = self.batches = 0  # since the replica started
-        self.expert_rows = self.expert_matmuls = 0  # since the replica started: (token, expert) rows, expert matmuls
+        self.expert_matmuls = 0  # since the replica started (the rows they ran: sum of totals)
         self.buckets: deque[_Bucket] = deque()  # one per whole second
         self.lock = threading.Lock()
 
@@ -69,7 +69,6 @@ class LoadMeter:
             b.batches += 1
             self.calls += calls
             self.batches += 1
-            self.expert_rows += sum(tokens_per_expert.values())
             self.expert_matmuls += sum(1 for n in tokens_per_expert.values() if n)
 
     def _trim(self, now: float) -> None:

@@ -208,7 +208,7 @@ class ExpertServicer:
         r = self.load.report()
         info.busy, info.queued = r.busy, r.queued
         info.calls_per_batch, info.calls, info.math_batches = r.calls_per_batch, self.load.calls, self.load.batches
-        info.expert_rows, info.expert_matmuls = self.load.expert_rows, self.load.expert_matmuls
+        info.expert_rows, info.expert_matmuls = sum(r.tokens.values()), self.load.expert_matmuls
         info.load.extend(expert_pb2.PairLoad(layer=l, expert=e, tokens=n, tokens_per_s=r.tokens_per_s.get((l, e), 0.0),
                                              busy=r.pair_busy.get((l, e), 0.0)) for (l, e), n in r.tokens.items())
         return info

@@ -179,8 +179,9 @@ class Engine:
                 s.num_computed, s.prompt_rows, s.prompt_logprobs = 0, [], []
             raise
         # Back to the step's order: every group's decode rows (one per sequence), then every group's prompt rows.
-        logits = torch.cat([lg[: len(d)] for lg, (d, _) in zip(parts, groups, strict=True)]
-                           + [lg[len(d) :] for lg, (d, _) in zip(parts, groups, strict=True)])
+        logits = parts[0] if len(parts) == 1 else torch.cat(
+            [lg[: len(d)] for lg, (d, _) in zip(parts, groups, strict=True)]
+            + [lg[len(d) :] for lg, (d, _) in zip(parts, groups, strict=True)])
         self.expert_tokens += torch.stack([torch.bincount(ids.flatten(), minlength=self.args.n_experts)
                                            for ids, _ in trace])
         logprobs = torch.log_softmax(logits, dim=-1)  # (rows, V)
@@ -282,10 +283,8 @@ class Engine:
             cut = i + 1
             if run * 2 >= total:
                 break
-        first, second = items[:cut], items[cut:]
-        nd = len(decode)
-        return [([s for s, _ in first[:nd]], first[nd:]), ([s for s, _ in second[: max(0, nd - cut)]],
-                                                           second[max(0, nd - cut) :])]
+        k = min(cut, len(decode))  # the first group's decodes; the rest of it is prompt chunks
+        return [(decode[:k], prefill[: cut - k]), (decode[k:], prefill[cut - k :])]
 
     def _record_prompt_logprobs(self, s: Sequence, rows: torch.Tensor) -> None:
         """rows (n, V): log-probs predicting the tokens after positions num_computed.. of the prompt."""

@@ -113,7 +113,8 @@ class RouterModel(nn.Module):
                 if fut is not None:
                     fut.exception()
         if trace is not None:
-            trace += [(torch.cat([ids for ids, _ in r]), torch.cat([w for _, w in r])) for r in routed]
+            trace += [r[0] if len(r) == 1 else (torch.cat([ids for ids, _ in r]), torch.cat([w for _, w in r]))
+                      for r in routed]
         return [self.output(self.norm(h[b.logit_rows])).float() for b, h in zip(batches, hs, strict=True)]
 
     @classmethod

@@ -297,6 +297,8 @@ class OpenAIServer:
                                   req.logprobs if req.echo and req.logprobs is not None else None)
         except ValueError as e:
             raise APIError(400, str(e)) from e
+        if req.echo and req.logprobs is not None:  # tokenizing a long prompt again: off the event loop, once
+            await asyncio.to_thread(lambda: [self.prompt_offsets(c) for c in choices])
         rid, created = request_id("cmpl"), now()
         stream = await self.submit(choices, params, req.stream, rid)
         if req.stream:
