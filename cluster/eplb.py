@@ -14,18 +14,20 @@ import numpy as np
 from cluster.placement import Pair
 
 
-def replicate(load: np.ndarray, copies: int, max_copies: int) -> np.ndarray:
-    """load (E,) tokens per expert -> (E,) copies of each, `copies` in all, each between 1 and max_copies.
+def replicate(load: np.ndarray, copies: int, max_copies: int, min_copies: int = 1) -> np.ndarray:
+    """load (E,) tokens per expert -> (E,) copies of each, `copies` in all, each between min_copies and max_copies.
 
     Example: load [60, 40, 10], 6 copies, at most 3 each: start [1, 1, 1]; 60/1 is the most per copy ->
-    [2, 1, 1]; then 40/1 > 60/2 -> [2, 2, 1]; then 60/2 > 40/2 -> [3, 2, 1].
+    [2, 1, 1]; then 40/1 > 60/2 -> [2, 2, 1]; then 60/2 > 40/2 -> [3, 2, 1]. With min_copies 2: start
+    [2, 2, 2], which is all 6.
     """
     E = len(load)
-    if not E <= copies <= E * max_copies:
-        raise ValueError(f"{copies} copies of {E} experts: need between {E} and {E * max_copies} "
-                         f"(at most {max_copies} of one expert, one per shard)")
-    count = np.ones(E, dtype=np.int64)
-    for _ in range(copies - E):
+    low = min(min_copies, max_copies)
+    if not E * low <= copies <= E * max_copies:
+        raise ValueError(f"{copies} copies of {E} experts: need between {E * low} and {E * max_copies} "
+                         f"(at least {low} and at most {max_copies} of each, one per shard)")
+    count = np.full(E, low, dtype=np.int64)
+    for _ in range(copies - E * low):
         per_copy = np.where(count < max_copies, load / count, -np.inf)
         count[int(np.argmax(per_copy))] += 1
     return count
@@ -60,11 +62,12 @@ def pack(load: np.ndarray, count: np.ndarray, capacity: np.ndarray, slots: int, 
     return out, here
 
 
-def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer: int, max_tries: int = 16
-                       ) -> list[list[Pair]]:
+def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer: int, max_tries: int = 16,
+                       min_copies: int = 1) -> list[list[Pair]]:
     """load (L, E) tokens per (layer, expert), capacity (G,) replicas per shard -> G lists of pairs.
 
-    Every pair is held at least once, by at most G shards; each shard holds at most ceil(copies_per_layer / G)
+    Every pair is held by at least min_copies shards (as far as the shards' slots allow; at least once always),
+    by at most G; each shard holds at most ceil(copies_per_layer / G)
     pairs of a layer, so every replica needs the same memory. Per layer, up to `max_tries` copy counts from
     E to copies_per_layer are packed and the one with the lowest peak load per replica is kept (ties: fewer
     copies): when shards have different replica counts, fewer, heavier copies can fill a bigger shard
@@ -80,17 +83,19 @@ def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer:
     G = len(capacity)
     if G < 1 or (capacity <= 0).any():
         raise ValueError(f"every shard needs a positive capacity, got {capacity.tolist()}")
-    if not E <= copies_per_layer <= E * G:
-        raise ValueError(f"{copies_per_layer} copies per layer of {E} experts on {G} shards: need between {E} and "
-                         f"{E * G} (at most one copy of an expert per shard)")
+    low = E * min(max(1, min_copies), G)
+    if not low <= copies_per_layer <= E * G:
+        raise ValueError(f"{copies_per_layer} copies per layer of {E} experts on {G} shards: need between {low} and "
+                         f"{E * G} (at least {low // E} and at most one per shard of each expert)")
     slots = -(-copies_per_layer // G)
-    tries = np.unique(np.linspace(E, copies_per_layer, min(max_tries, copies_per_layer - E + 1)).round().astype(int))
+    n_tries = min(max_tries, copies_per_layer - low + 1)
+    tries = np.unique(np.linspace(low, copies_per_layer, n_tries).round().astype(int))
     total = np.zeros(G)  # load per replica over the layers placed so far
     shards: list[list[Pair]] = [[] for _ in range(G)]
     for layer in range(L):
         best = None
         for copies in tries:
-            out, here = pack(load[layer], replicate(load[layer], int(copies), G), capacity, slots, total)
+            out, here = pack(load[layer], replicate(load[layer], int(copies), G, low // E), capacity, slots, total)
             score = (round(here.max(), 9), round((total + here).max(), 9))
             if best is None or score < best[0]:
                 best = (score, out, here)

@@ -19,28 +19,20 @@ class ExpertPlane:
     Routers do not call through it: they speak gRPC to the replicas they find in the directory.
     """
 
-    def __init__(self, rebalance_interval_s: float | None, redundant_experts: int | None, *shards):
+    def __init__(self, rebalance_interval_s: float | None, redundant_experts: int | None, min_copies: int,
+                 *shards):
         self.shards = shards  # DeploymentHandles, kept so the shards belong to this application
         self._stop = threading.Event()
         if rebalance_interval_s:
             app = serve.get_replica_context().app_name
-            threading.Thread(target=self._rebalance_loop, args=(app, rebalance_interval_s, redundant_experts),
+            threading.Thread(target=self._rebalance, args=(app, rebalance_interval_s, redundant_experts, min_copies),
                              name="rebalance", daemon=True).start()
 
-    def _rebalance_loop(self, app: str, every_s: float, redundant: int | None) -> None:
-        from cluster.rebalance import RebalanceOptions, rebalance
+    def _rebalance(self, app: str, every_s: float, redundant: int | None, min_copies: int) -> None:
+        from cluster.rebalance import RebalanceOptions, rebalance_loop
 
-        o = RebalanceOptions(redundant_experts=redundant, window_s=every_s, min_gain=PERIODIC_MIN_GAIN)
-        while not self._stop.wait(every_s):
-            try:
-                r = rebalance(app, o)
-                if r["switched"]:
-                    log.info("rebalanced to placement v%d: predicted imbalance %.2f -> %.2f", r["version"],
-                             r["imbalance_before"], r["imbalance_after"])
-            except (ValueError, TimeoutError) as e:  # no traffic, or a deployment under way: next round
-                log.info("no rebalance: %s", e)
-            except Exception:
-                log.exception("rebalance failed")
+        rebalance_loop(app, RebalanceOptions(redundant_experts=redundant, min_copies=min_copies, window_s=every_s,
+                                             min_gain=PERIODIC_MIN_GAIN), every_s, self._stop)
 
     def __del__(self):
         self._stop.set()

@@ -14,6 +14,7 @@ placement lives in the directory and Ray's GCS key-value store.
 """
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +34,9 @@ class RebalanceOptions:
     redundant_experts: int | None = field(default=None, metadata={
         "help": "copies per layer beyond one of each expert, given to the hottest (default: one per shard, at "
                 "most what the shards can hold apart)"})
+    min_copies: int = field(default=1, metadata={
+        "help": "shards holding every (layer, expert) at least (2: when every replica of one shard is gone, routers "
+                "send its pairs to their other holders; the copies this takes come on top of --redundant-experts)"})
     window_s: float = field(default=60.0, metadata={"help": "balance the tokens routed over this many seconds"})
     min_gain: float = field(default=0.0, metadata={
         "help": "switch only if the predicted imbalance drops by at least this much"})
@@ -75,8 +79,9 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     G = len(shards)
     capacity = np.array([max(1, replicas[s]) for s in range(G)], dtype=np.float64)
     redundant = G if o.redundant_experts is None else o.redundant_experts
+    redundant += n_experts * (min(o.min_copies, G) - 1)
     redundant = min(redundant, n_experts * (G - 1))  # at most one copy of a pair per shard
-    new = balanced_placement(load, capacity, n_experts + redundant)
+    new = balanced_placement(load, capacity, n_experts + redundant, min_copies=o.min_copies)
     PlacementPlan.from_sets(new).validate(n_layers, n_experts)
     before = imbalance(shard_loads(load, shards, capacity))
     after = imbalance(shard_loads(load, new, capacity))
@@ -90,6 +95,46 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     log_decision(app, "rebalance", f"placement v{target}: {moved} pairs moved, predicted imbalance {before:.2f} -> "
                                    f"{after:.2f}, replicas ready in {seconds:.1f}s")
     return result
+
+
+def serving_counts(snapshot: dict) -> dict[int, int]:
+    """shard -> its serving replicas, from a directory snapshot."""
+    counts: dict[int, int] = {}
+    for e in snapshot["replicas"]:
+        if e.get("state") == "serving":
+            counts[e["shard"]] = counts.get(e["shard"], 0) + 1
+    return counts
+
+
+def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threading.Event, poll_s: float = 0.5
+                   ) -> None:
+    """Rebalance every every_s, and at once when a shard's count of serving replicas changes: the placement in
+    force spread the load over the old counts, so a shard that lost a replica (the autoscaler's, or a failure)
+    now overloads those left, and one that gained a replica leaves it short of work. Runs until `stop` is set."""
+    from cluster.directory import DirectoryClient
+
+    directory = DirectoryClient(app)
+    counts, due = None, time.monotonic() + every_s
+    while not stop.wait(poll_s):
+        try:
+            now = serving_counts(directory.snapshot())
+        except Exception as e:  # the directory may be restarting: look again next poll
+            log.info("no rebalance: %r", e)
+            continue
+        changed = counts is not None and now != counts
+        counts = now
+        if not changed and time.monotonic() < due:
+            continue
+        due = time.monotonic() + every_s
+        try:
+            r = rebalance(app, o)
+            if r["switched"]:
+                log.info("rebalanced to placement v%d%s: predicted imbalance %.2f -> %.2f", r["version"],
+                         " (replica counts changed)" if changed else "", r["imbalance_before"], r["imbalance_after"])
+        except (ValueError, TimeoutError) as e:  # no traffic, or a deployment under way: next round
+            log.info("no rebalance: %s", e)
+        except Exception:
+            log.exception("rebalance failed")
 
 
 def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0) -> tuple[int, float]:

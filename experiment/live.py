@@ -8,7 +8,8 @@ Requests arrive by Poisson; those that find the batch full wait, and their wait 
 token's latency.
 
 Every second the run samples the directory (serving replicas per shard) and the router's own counts
-(rows sent per replica), giving replicas and load per shard and per-replica imbalance over time.
+((token, expert) slots each replica computed), giving replicas and load per shard and per-replica imbalance
+over time.
 """
 
 import logging
@@ -43,6 +44,7 @@ GIVE_UP_S = 60.0  # a step that cannot reach its experts for this long fails its
 # The policy takes over once the replicas' load window (experts.load, 5 s) holds only the run's traffic: let loose
 # earlier, it reads the idle pause before the run as a plane to shrink.
 POLICY_AFTER_S = 5.0
+REPLACE_MIN_COPIES = 2
 SWITCH_S = 2.0  # about what a live re-placement takes to switch (see cluster.rebalance.switch_placement)
 CALIBRATED_LOAD = 0.7  # the default arrival rate's share of what the starting plane decodes: busy, not drowning
 
@@ -170,18 +172,19 @@ class Recorder:
 
 
 class Sampler(threading.Thread):
-    """Once a second: serving replicas per shard (directory), rows per replica and shard (router counts), each
-    shard's share of the routers' layer waits (what the autoscaling policy reads)."""
+    """Once a second: serving replicas per shard (directory), (token, expert) slots per replica and shard (router
+    counts: a replica's work, whichever of its rows carry them), each shard's share of the routers' layer waits
+    (what the autoscaling policy reads)."""
 
-    def __init__(self, rec: Recorder, directory: DirectoryClient, rows_sent: dict[str, int]):
+    def __init__(self, rec: Recorder, directory: DirectoryClient, slots_sent: dict[str, int]):
         super().__init__(name="sampler", daemon=True)
-        self.rec, self.directory, self.rows_sent = rec, directory, rows_sent
+        self.rec, self.directory, self.slots_sent = rec, directory, slots_sent
         self.stop = threading.Event()
         self.shard_of: dict[str, int] = {}
-        self.per_replica: list[tuple[float, dict[str, int]]] = []  # (time, rows each serving replica ran that second)
+        self.per_replica: list[tuple[float, dict[str, int]]] = []  # (time, slots each serving replica ran that second)
 
     def run(self) -> None:
-        before = dict(self.rows_sent)
+        before = dict(self.slots_sent)
         next_t = time.monotonic() + 1.0
         while not self.stop.wait(max(0.0, next_t - time.monotonic())):
             next_t += 1.0
@@ -190,7 +193,7 @@ class Sampler(threading.Thread):
             except Exception as e:  # the directory may be restarting: skip this second
                 log.warning("sampler: %r", e)
                 continue
-            now = dict(self.rows_sent)
+            now = dict(self.slots_sent)
             self.shard_of.update({e["replica_id"]: e["shard"] for e in entries})
             per_replica = {e["replica_id"]: now.get(e["replica_id"], 0) - before.get(e["replica_id"], 0)
                            for e in entries}
@@ -249,7 +252,7 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
         times = arrivals(rng, w, r.rates[kind], r.duration_s)
         t0 = time.monotonic()
         rec = Recorder(r.num_shards, t0)
-        sampler = Sampler(rec, DirectoryClient(name), backend.rows_sent)
+        sampler = Sampler(rec, DirectoryClient(name), backend.slots_sent)
         sampler.start()
         background = [] if policy == "static" else [  # static's bounds are the pinned ones
             threading.Thread(target=start_policy, args=(name, policy, r, t0 + POLICY_AFTER_S), daemon=True)]
@@ -277,17 +280,14 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
 
 
 def replace_every(name: str, r: LiveRun, stop: threading.Event) -> None:
-    """raymoe+replace: `raymoe rebalance` every replace_every_s, on the load of that window (as the plane's own
-    --rebalance-interval-s does)."""
+    """raymoe+replace: `raymoe rebalance` every replace_every_s on the load of that window, and whenever a shard's
+    replica count changes (as the plane's own --rebalance-interval-s does), every pair on two shards at least:
+    the autoscaler leaves cold shards one replica, and the kill may take it."""
     from cluster.plane_ingress import PERIODIC_MIN_GAIN
-    from cluster.rebalance import RebalanceOptions, rebalance
+    from cluster.rebalance import RebalanceOptions, rebalance_loop
 
-    o = RebalanceOptions(window_s=r.replace_every_s, min_gain=PERIODIC_MIN_GAIN)
-    while not stop.wait(r.replace_every_s):
-        try:
-            rebalance(name, o)
-        except (ValueError, TimeoutError) as e:
-            log.info("no rebalance: %s", e)
+    o = RebalanceOptions(window_s=r.replace_every_s, min_gain=PERIODIC_MIN_GAIN, min_copies=REPLACE_MIN_COPIES)
+    rebalance_loop(name, o, r.replace_every_s, stop)
 
 
 def remove(name: str) -> None:
@@ -497,11 +497,11 @@ def throughput_lost(rec: Recorder, at: float, r: LiveRun, before_s: float = 10.0
 
 
 def settled_imbalance(per_replica: list[tuple[float, dict[str, int]]], since: float, min_s: int = 5) -> float | None:
-    """Per-replica imbalance of the rows each replica ran per second it served, from `since` (s into the run) on;
-    a replica serving fewer than min_s of those seconds (starting, killed) is left out. Over many seconds, so that
-    it says how even the placement and the spread are, not how many rows one second happened to draw.
+    """Per-replica imbalance of the (token, expert) slots each replica ran per second it served, from `since`
+    (s into the run) on; a replica serving fewer than min_s of those seconds (starting, killed) is left out. Over
+    many seconds, so that it says how even the placement and the spread are, not how many slots one second drew.
 
-    Example: replica a ran 100 and 120 rows in two seconds, b 90 and 90, c 30 in one: rates a 110, b 90 (c left
+    Example: replica a ran 100 and 120 slots in two seconds, b 90 and 90, c 30 in one: rates a 110, b 90 (c left
     out with min_s 2): mean 100, imbalance (110 - 100) / 100 = 0.1.
     """
     rows: dict[str, int] = {}

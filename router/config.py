@@ -70,6 +70,9 @@ class ExpertPlaneConfig:
     redundant_experts: int | None = field(default=None, metadata={
         "help": "rebalancing: copies per layer beyond one of each expert, given to the hottest (default: one per "
                 "shard)"})
+    min_copies: int = field(default=1, metadata={
+        "help": "rebalancing: shards holding every (layer, expert) at least (2: routers send the pairs of a shard "
+                "whose replicas are all gone to their other holders, so a shard of one replica may fail)"})
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest gRPC message between router and replica (2048 tokens of dim 4096 in float32: 32 MiB)"})
     call_timeout_s: float = field(default=10.0, metadata={"help": "deadline of each router-to-replica call"})
@@ -111,6 +114,8 @@ class ExpertPlaneConfig:
             raise ValueError(f"rebalance_interval_s must be > 0, got {self.rebalance_interval_s}")
         if self.redundant_experts is not None and self.redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
+        if self.min_copies < 1:
+            raise ValueError(f"min_copies must be >= 1, got {self.min_copies}")
         for name in ("paced_expert_ms", "paced_row_ms"):
             if (getattr(self, name) or 0.0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

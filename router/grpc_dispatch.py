@@ -181,6 +181,29 @@ def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray
     return pick.reshape(ids.shape)
 
 
+def around(holders: np.ndarray, n_holders: np.ndarray, down: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's holders (E, H) and their counts (E,) with the shards in `down` left out of every pair that has
+    another holder; a pair only shards that are down hold keeps them (its call fails and the step is retried).
+
+    Example: expert 0 held by shards [2, 5], expert 1 by [5, -1]; shard 5 down -> expert 0 [2, -1] (one copy),
+    expert 1 [5, -1] (no other holder).
+    """
+    if not down:
+        return holders, n_holders
+    up = (holders >= 0) & ~np.isin(holders, list(down))  # (E, H)
+    n_up = up.sum(axis=1)  # (E,)
+    moved = np.flatnonzero((n_up > 0) & (n_up < n_holders))
+    if not len(moved):
+        return holders, n_holders
+    holders, n_holders = holders.copy(), n_holders.copy()
+    for e in moved.tolist():
+        live = holders[e][up[e]]
+        holders[e] = -1
+        holders[e, : len(live)] = live
+        n_holders[e] = len(live)
+    return holders, n_holders
+
+
 def load_weight(busy: float) -> float:
     """How much of a fair share a replica reporting `busy` should get: less as it nears saturation."""
     return min(1.0, max(0.1, 1.1 - busy))
@@ -214,6 +237,7 @@ class GrpcExperts(ExpertBackend):
         self.suspect: dict[str, float] = {}  # replica_id -> monotonic time it may be tried again
         self.busy: dict[str, float] = {}  # replica_id -> the busy fraction its last reply reported
         self.rows_sent: dict[str, int] = {}  # replica_id -> rows this router sent it (for tests and status)
+        self.slots_sent: dict[str, int] = {}  # replica_id -> (token, expert) slots it computed: its work
         self.messages_sent = 0  # Forward calls this router made, retries included (for benchmarks)
         self.tokens = np.zeros((n_layers, n_experts), dtype=np.int64)  # routed since the last report
         self.critical_s: dict[int, float] = {}  # shard -> seconds of layer waits it ended, since the last report
@@ -358,7 +382,10 @@ class GrpcExperts(ExpertBackend):
         x_raw = raw_rows(x)  # (T, dim) of same-size integers: rows of raw bytes
         if keys is None or not self.group_by_expert:  # the locality-blind baseline knows no sequences either
             keys = np.arange(len(ids), dtype=np.int64)
-        shard_of = routing.holders[layer][ids, copy_of(layer, ids, keys, routing.n_holders[layer])]  # (T, k)
+        # A shard none of whose replicas answers loses its pairs to their other holders (redundant copies).
+        down = {s for s in range(routing.num_shards) if not self.live(s, routing)}
+        holders, n_holders = around(routing.holders[layer], routing.n_holders[layer], down)
+        shard_of = holders[ids, copy_of(layer, ids, keys, n_holders)]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
         name = WIRE_NAMES[x.dtype]
@@ -454,6 +481,8 @@ class GrpcExperts(ExpertBackend):
             pending = failed
         for (_, _, req), rep in zip(messages, target, strict=True):
             self.rows_sent[rep.replica_id] = self.rows_sent.get(rep.replica_id, 0) + req.hidden.shape[0]
+            slots = int(np.count_nonzero(np.frombuffer(req.expert_ids.data, dtype=np.int32) >= 0))
+            self.slots_sent[rep.replica_id] = self.slots_sent.get(rep.replica_id, 0) + slots
         if messages:
             last = int(np.argmax(answered))  # the whole layer waited for this one
             with self._tokens_lock:
@@ -472,11 +501,18 @@ class GrpcExperts(ExpertBackend):
         counts = np.bincount(expert_ids.cpu().numpy().ravel(), minlength=self.n_experts)  # (E,)
         with self._tokens_lock:
             self.tokens[layer] += counts
+        routed_around: set[int] = set()
         for attempt in range(STALE_RETRIES + 1):
             msgs = self.requests(layer, x, expert_ids, weights, keys, self.routing)
             try:
                 replies = self.gather(layer, [(s, rep, req) for s, rep, _, req in msgs], x.dtype)
                 break
+            except ShardUnavailable as e:
+                # Its replicas are suspect now: once more, sending its pairs to their other holders, if any.
+                if attempt == STALE_RETRIES or e.shard in routed_around:
+                    raise
+                routed_around.add(e.shard)
+                log.info("layer %d: routing around shard %d", layer, e.shard)
             except StalePlacement as e:
                 if attempt == STALE_RETRIES:
                     raise

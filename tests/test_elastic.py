@@ -19,7 +19,7 @@ from cluster.status import replica_info
 from protos import expert_pb2
 from router import LLM, SamplingParams
 from router.dispatch import ExpertBackend
-from router.grpc_dispatch import spread
+from router.grpc_dispatch import around, spread
 from server.async_engine import AsyncEngine, Submission
 
 PROMPTS = [[i + 1, 2 * i + 3, 7, 11] for i in range(12)]
@@ -53,6 +53,14 @@ def pair_tokens(entries: list[dict]) -> dict[tuple[int, int], int]:
         for p in info(e).load:
             out[(p.layer, p.expert)] = out.get((p.layer, p.expert), 0) + p.tokens
     return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def wait_for(cond, timeout_s: float = 30.0, what: str = "") -> None:
@@ -91,6 +99,16 @@ def three(ray_session, ckpt):
     llm = LLM(ckpt, expert_backend="ray", num_shards=2, replicas_per_shard=3, expert_num_cpus=0.1)
     yield llm
     llm.shutdown()
+
+
+def test_a_shard_that_is_down_loses_its_pairs_to_their_other_holders():
+    holders = np.array([[2, 5], [5, -1], [0, 1]])  # (E, H) one layer: the docstring's example plus a bystander
+    n = np.array([2, 1, 2])
+    h, c = around(holders, n, {5})
+    assert h.tolist() == [[2, -1], [5, -1], [0, 1]] and c.tolist() == [1, 1, 2]
+    assert holders.tolist() == [[2, 5], [5, -1], [0, 1]]  # the routing's own table is left alone
+    h, c = around(holders, n, {0, 1})  # expert 2 has no holder up: it keeps both (its call fails, is retried)
+    assert h.tolist() == holders.tolist() and c.tolist() == n.tolist()
 
 
 def test_every_replica_takes_tokens_and_outputs_do_not_change(three, local):
@@ -227,12 +245,13 @@ def test_a_hot_shard_scales_up_then_down_without_failures(ray_session, ckpt):
     from cluster.expert_plane import connect_experts
     from cluster.ray_init import remove_apps
     from cluster.serve_config import serve_config
+    from cluster.status import plane_status
 
     app = "raymoe-autoscale"
     cfg = serve_config(*parse_settings([
         "--model", str(ckpt), "--num-shards", "2", "--replicas-per-shard", "1", "--max-replicas-per-shard", "3",
         "--target-busy", "0.02", "--upscale-delay-s", "0.5", "--downscale-delay-s", "3", "--expert-num-cpus", "0.1",
-        "--router-num-cpus", "0.1"]))
+        "--router-num-cpus", "0.1", "--rebalance-interval-s", "3600", "--min-copies", "2"]))
     cfg["applications"][0].update(name=app, route_prefix="/autoscale")
     deploy(cfg)
     backend = connect_experts(Checkpoint(ckpt), torch.float32, app)
@@ -258,6 +277,21 @@ def test_a_hot_shard_scales_up_then_down_without_failures(ray_session, ckpt):
         load_until(lambda: running(app, "ExpertShard-0") >= 2, 60)
         assert running(app, "ExpertShard-1") == 1  # the idle shard did not grow
         load_until(lambda: len({r.replica_id for r in backend.view.get(0, [])}) >= 2, 30)
+        # Shard 0's new replica changed its count: the plane re-placed on the routed load at once (its interval is
+        # an hour), every pair on both shards (min_copies 2 of 4 experts on 2 shards).
+        load_until(lambda: backend.routing.version >= 1, 30)
+        pairs = [(l, e) for l in range(2) for e in range(4)]
+        assert [sorted(map(tuple, sh["pairs"])) for sh in plane_status(app)["shards"]] == [pairs, pairs]
+        # Shard 1's only replica dies: its pairs' other holder, shard 0, runs them; no call fails.
+        ids = torch.tensor([[0, 1], [2, 3], [1, 3], [3, 0]])
+        want = backend.forward(1, x[:4], ids, w[:4])
+        entry = next(e for e in DirectoryClient(app).replicas() if e["shard"] == 1)
+        ray.kill(ray.get_actor(entry["actor_name"], namespace="serve"), no_restart=True)  # Serve starts another
+        wait_for(lambda: not pid_alive(entry["pid"]), what="the killed replica's process to exit")
+        zeros = [r.replica_id for r in backend.view[0]]
+        before = sum(backend.slots_sent.get(r, 0) for r in zeros)
+        assert torch.allclose(backend.forward(1, x[:4], ids, w[:4]), want, atol=1e-6)
+        assert sum(backend.slots_sent.get(r, 0) for r in zeros) - before == ids.numel()  # shard 0 ran every slot
         # With the load gone, the shard drains back to its minimum; calls meanwhile keep succeeding.
         deadline = time.monotonic() + 60
         while running(app, "ExpertShard-0") > 1:

@@ -18,6 +18,25 @@ def test_replicate_gives_copies_to_the_most_load_per_copy():
     assert replicate(np.array([100.0, 1, 1]), 7, 3).tolist() == [3, 2, 2]  # capped at 3 (one per shard)
     with pytest.raises(ValueError, match="need between 3 and 6"):
         replicate(np.ones(3), 7, 2)
+    assert replicate(np.array([60.0, 40, 10]), 6, 3, min_copies=2).tolist() == [2, 2, 2]  # the docstring's
+    assert replicate(np.array([60.0, 40, 10]), 7, 3, min_copies=2).tolist() == [3, 2, 2]
+    with pytest.raises(ValueError, match="need between 6 and 9"):
+        replicate(np.ones(3), 5, 3, min_copies=2)
+
+
+def test_two_copies_of_every_pair_and_still_balanced():
+    """min_copies 2 (what a shard of one replica needs to fail safely): every pair on two shards at least,
+    per-replica load still about even with shards of unequal replica counts."""
+    rng = np.random.default_rng(3)
+    L, E = 4, 8
+    load = zipf_load(rng, L, E, 1.2)
+    capacity = np.array([2.0, 1, 1, 1, 2, 1, 1, 1])
+    shards = balanced_placement(load, capacity, 3 * E, min_copies=2)
+    held = {(l, e): sum((l, e) in sh for sh in shards) for l in range(L) for e in range(E)}
+    assert min(held.values()) >= 2
+    assert imbalance(shard_loads(load, shards, capacity)) < 0.15
+    with pytest.raises(ValueError, match="need between 16 and 64"):
+        balanced_placement(load, capacity, 12, min_copies=2)
 
 
 def test_the_docstring_example():
