@@ -106,15 +106,16 @@ def serving_counts(snapshot: dict) -> dict[int, int]:
     return counts
 
 
-def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threading.Event, poll_s: float = 0.5
-                   ) -> None:
-    """Rebalance every every_s, and at once when a shard's count of serving replicas changes: the placement in
-    force spread the load over the old counts, so a shard that lost a replica (the autoscaler's, or a failure)
-    now overloads those left, and one that gained a replica leaves it short of work. Runs until `stop` is set."""
+def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threading.Event, poll_s: float = 0.5,
+                   first_s: float | None = None) -> None:
+    """Rebalance every every_s (the first time first_s in, by default every_s), and at once when a shard's count
+    of serving replicas changes: the placement in force spread the load over the old counts, so a shard that lost
+    a replica (the autoscaler's, or a failure) now overloads those left, and one that gained a replica leaves it
+    short of work. Runs until `stop` is set."""
     from cluster.directory import DirectoryClient
 
     directory = DirectoryClient(app)
-    counts, due = None, time.monotonic() + every_s
+    counts, due = None, time.monotonic() + (every_s if first_s is None else first_s)
     while not stop.wait(poll_s):
         try:
             now = serving_counts(directory.snapshot())

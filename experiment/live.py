@@ -44,7 +44,7 @@ GIVE_UP_S = 60.0  # a step that cannot reach its experts for this long fails its
 # The policy takes over once the replicas' load window (experts.load, 5 s) holds only the run's traffic: let loose
 # earlier, it reads the idle pause before the run as a plane to shrink.
 POLICY_AFTER_S = 5.0
-REPLACE_MIN_COPIES = 2
+FIRST_REPLACE_S = 2.0  # two of the routers' 1 s load reports
 SWITCH_S = 2.0  # about what a live re-placement takes to switch (see cluster.rebalance.switch_placement)
 CALIBRATED_LOAD = 0.7  # the default arrival rate's share of what the starting plane decodes: busy, not drowning
 
@@ -281,13 +281,13 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
 
 def replace_every(name: str, r: LiveRun, stop: threading.Event) -> None:
     """raymoe+replace: `raymoe rebalance` every replace_every_s on the load of that window, and whenever a shard's
-    replica count changes (as the plane's own --rebalance-interval-s does), every pair on two shards at least:
-    the autoscaler leaves cold shards one replica, and the kill may take it."""
+    replica count changes (as the plane's own --rebalance-interval-s does); the first FIRST_REPLACE_S into the
+    run, as soon as the routers have reported a few steps of its skew."""
     from cluster.plane_ingress import PERIODIC_MIN_GAIN
     from cluster.rebalance import RebalanceOptions, rebalance_loop
 
-    o = RebalanceOptions(window_s=r.replace_every_s, min_gain=PERIODIC_MIN_GAIN, min_copies=REPLACE_MIN_COPIES)
-    rebalance_loop(name, o, r.replace_every_s, stop)
+    o = RebalanceOptions(window_s=r.replace_every_s, min_gain=PERIODIC_MIN_GAIN)
+    rebalance_loop(name, o, r.replace_every_s, stop, first_s=min(FIRST_REPLACE_S, r.replace_every_s))
 
 
 def remove(name: str) -> None:
@@ -537,7 +537,7 @@ def summarize(rec: Recorder, r: LiveRun, log_: list[dict], t0: float, kill: dict
     # From the first re-placement's switch on (or, for the policies that never re-place, the time it would have
     # come), so that every policy is judged over the same part of the run.
     first = min((d["time"] + (d["seconds_to_serving"] or 0.0) for d in out["decisions"] if d["kind"] == "rebalance"),
-                default=r.replace_every_s + SWITCH_S)
+                default=min(FIRST_REPLACE_S, r.replace_every_s) + SWITCH_S)
     out["imbalance_after_replace"] = settled_imbalance(per_replica, first)
     if kill is not None:
         out["kill"] = {**kill, "failed": rec.failed, "throughput_lost": throughput_lost(rec, kill["at"], r)}

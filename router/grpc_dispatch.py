@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # replica is busy, not broken: this router leaves it alone a while but reports no failure.
 BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED
 RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, BUSY}
+RECENT_DECAY = 0.95  # per call of a shard: a replica's recent slots reach back over about 20 of its shard's calls
+NUDGE_GAIN = 4  # a replica 20% over its share of slots weighs (1 / 1.2)^4 = 0.48 of what it would
+MAX_NUDGE = 4.0  # and at most this factor either way
 STALE_RETRIES = 5  # re-reads of the placement after a replica says it no longer holds a pair
 
 
@@ -209,6 +212,23 @@ def load_weight(busy: float) -> float:
     return min(1.0, max(0.1, 1.1 - busy))
 
 
+def nudge(weights: np.ndarray, recent: np.ndarray) -> np.ndarray:
+    """Replicas' rendezvous weights (R,) corrected by their recent slots (R,): each scaled by (its weighted share
+    over its share of the recent slots) ** NUDGE_GAIN, within [1 / MAX_NUDGE, MAX_NUDGE]. Grouping by expert
+    puts an expert's slots on one replica, so with few experts a shard, one replica can take the hot ones call
+    after call; the weights move experts off a replica while it gets more than its share, and back once it
+    gets less, so that over many calls the replicas' slots even out.
+
+    Example: two replicas of weight 1, recent slots [30, 10]: shares 0.75 and 0.25 against 0.5 each ->
+    (0.5 / 0.75) ** 4 = 0.2, at the bound 0.25, and (0.5 / 0.25) ** 4 = 16, at the bound 4: weights [0.25, 4].
+    """
+    total = recent.sum()
+    if total <= 0:
+        return weights
+    factor = ((weights / weights.sum()) / np.maximum(recent / total, 1e-9)) ** NUDGE_GAIN
+    return weights * np.clip(factor, 1 / MAX_NUDGE, MAX_NUDGE)
+
+
 class GrpcExperts(ExpertBackend):
     overlaps_calls = True  # a round trip per layer: worth hiding behind the other micro-batch's attention
 
@@ -238,6 +258,7 @@ class GrpcExperts(ExpertBackend):
         self.busy: dict[str, float] = {}  # replica_id -> the busy fraction its last reply reported
         self.rows_sent: dict[str, int] = {}  # replica_id -> rows this router sent it (for tests and status)
         self.slots_sent: dict[str, int] = {}  # replica_id -> (token, expert) slots it computed: its work
+        self.recent_slots: dict[str, float] = {}  # replica_id -> slots placed on it lately (decaying), for place()
         self.messages_sent = 0  # Forward calls this router made, retries included (for benchmarks)
         self.tokens = np.zeros((n_layers, n_experts), dtype=np.int64)  # routed since the last report
         self.critical_s: dict[int, float] = {}  # shard -> seconds of layer waits it ended, since the last report
@@ -410,8 +431,9 @@ class GrpcExperts(ExpertBackend):
         """Which of `reps` (one shard's candidates) computes each slot: ids (T, k) the call's experts, here (T, k)
         the slots bound for this shard, keys (T,) each row's sequence -> (T, k) replica index, -1 off the shard.
 
-        Grouping on: slots by expert (group_by_expert), so each replica's call holds few experts. Off: whole rows
-        by `keys` (spread), which the blind baseline gives as row numbers.
+        Grouping on: slots by expert (group_by_expert), so each replica's call holds few experts, the replicas'
+        weights nudged toward an even share of the slots this router placed lately (nudge). Off: whole rows by
+        `keys` (spread), which the blind baseline gives as row numbers.
 
         Example: rows 0 (experts 1, 5), 1 (1, 3) and 2 (7, 0), a shard of 2 replicas holding 1, 3 and 7: 4 slots,
         room 3 each. Grouped, expert 1's two slots go to its replica, say 0; row 1's expert 3 (one slot) joins
@@ -423,13 +445,17 @@ class GrpcExperts(ExpertBackend):
             return place
         seeds = np.array([r.seed for r in reps], dtype=np.int64)
         load = np.array([load_weight(self.busy.get(r.replica_id, 0.0)) for r in reps])
+        recent = np.array([self.recent_slots.get(r.replica_id, 0.0) for r in reps])
         if self.group_by_expert:
             rows, cols = np.nonzero(here)  # (n,) each, row-major: a row's slots side by side
-            place[rows, cols] = group_by_expert(layer, ids[rows, cols], keys[rows], rows, seeds, load)
+            place[rows, cols] = group_by_expert(layer, ids[rows, cols], keys[rows], rows, seeds, nudge(load, recent))
         else:
             rows = np.flatnonzero(here.any(axis=1))  # (N,)
             place[rows] = spread(keys[rows], seeds, load)[:, None]
             place[~here] = -1
+        slots = np.bincount(place[place >= 0], minlength=len(reps))  # (R,)
+        for r, n in zip(reps, (recent * RECENT_DECAY + slots).tolist(), strict=True):
+            self.recent_slots[r.replica_id] = n
         return place
 
     async def _gather(self, layer: int, messages: list[tuple[int, Replica, expert_pb2.ForwardRequest]],

@@ -15,11 +15,12 @@ import torch
 from bench.locality import ARMS, KEYS, compare, held_out_prompts, save
 from checkpoint.bundled import BUNDLED_MODEL
 from checkpoint.reader import Checkpoint
+from cluster.eplb import imbalance
 from experts.ffn import ExpertSet
 from experts.replica import ExpertServicer, GrpcServer
 from protos import expert_pb2
 from router import LLM
-from router.grpc_dispatch import GrpcExperts
+from router.grpc_dispatch import GrpcExperts, nudge
 from router.rendezvous import group_by_expert, room, spread
 
 MAX_MESSAGE = 16 << 20
@@ -122,9 +123,11 @@ def test_grouped_dispatch_runs_more_tokens_per_expert_matmul_than_the_blind_base
         rows, matmuls = 0, 0
         for layer, x, ids, w, keys in calls:
             before = matmul_counters(backend)
-            # Replies carry each replica's busy fraction, which weights the next call's bound: a matter of timing.
-            # Equal weights keep the placement (and this test) a function of the call alone.
+            # Replies carry each replica's busy fraction, and earlier calls nudge the weights toward even shares
+            # of slots: both weight the next call's bound. Equal weights keep the placement (and this test) a
+            # function of the call alone.
             backend.busy.clear()
+            backend.recent_slots.clear()
             out = backend.forward(layer, x, ids, w, keys)
             # Exact up to float rounding: only which replica computes a slot changed.
             torch.testing.assert_close(out, experts.forward(layer, x, ids, w), rtol=1e-5, atol=1e-6)
@@ -160,3 +163,28 @@ def test_bench_locality_measures_both_arms_and_writes_their_json(plane, tmp_path
         assert set(KEYS) <= set(doc[arm]) and all(np.isfinite(doc[arm][k]) for k in KEYS)
         assert doc[arm]["messages_per_token"] > 0 and doc[arm]["dispatch_hidden_fraction"] == 0.0
     assert doc["raymoe"]["tokens_per_expert_matmul"] > doc["baseline"]["tokens_per_expert_matmul"]
+
+
+def test_nudged_weights_even_out_a_shards_replicas_over_many_calls(plane):
+    """Grouping alone keeps sending an expert to the replica it hashes to, so a shard whose experts are skewed
+    leaves one replica the hot ones; nudged by the slots each replica got lately, the weights even them out."""
+    _, backend = plane
+    reps = backend.candidates(0)
+    seeds = np.array([r.seed for r in reps], dtype=np.int64)
+    backend.busy.clear()
+    backend.recent_slots.clear()
+    rng = np.random.default_rng(2)
+    nudged, fixed = np.zeros(2), np.zeros(2)
+    for _ in range(60):
+        ids = np.stack([rng.choice(4, 2, replace=False, p=[0.5, 0.25, 0.15, 0.1]) for _ in range(8)])  # (8, 2)
+        keys = np.arange(8, dtype=np.int64)
+        nudged += np.bincount(backend.place(0, ids, np.ones(ids.shape, bool), keys, reps).ravel(), minlength=2)
+        rows = np.repeat(np.arange(8), 2)
+        fixed += np.bincount(group_by_expert(0, ids.ravel(), keys[rows], rows, seeds, np.ones(2)), minlength=2)
+    assert imbalance(nudged) < 0.08 and imbalance(fixed) > 0.15, (nudged, fixed)
+
+
+def test_nudge_the_docstring_example():
+    assert np.allclose(nudge(np.ones(2), np.array([30.0, 10.0])), [0.25, 4.0])
+    assert np.allclose(nudge(np.ones(2), np.array([11.0, 9.0])), [(1 / 1.1) ** 4, (1 / 0.9) ** 4])
+    assert np.array_equal(nudge(np.array([1.0, 0.5]), np.zeros(2)), [1.0, 0.5])  # nothing placed yet: unchanged

@@ -3,7 +3,7 @@
 On the test session's Ray (already running, with Serve), so each LLM joins it: its plane is a Serve app it
 deploys and deletes, and it must neither stop the session's Ray nor leave threads, listening ports, gRPC
 channels or connections, actors (beyond the cluster's shared replica directory), Serve apps or directory
-entries. CYCLES fit half a minute on two cores; `raymoe bench shutdown` runs 20 (and `--own-ray`, where
+entries. CYCLES fit twenty seconds on two cores; `raymoe bench shutdown` runs 20 (and `--own-ray`, where
 each LLM starts and stops Ray itself).
 """
 
@@ -12,7 +12,7 @@ from hf_reference import build_checkpoint
 
 from bench.shutdown import ShutdownBenchOptions, check_cycles
 
-CYCLES = 3
+CYCLES = 2
 
 
 @pytest.fixture(scope="module")
