@@ -86,6 +86,7 @@ class ExpertServicer:
         self.load = LoadMeter(experts.pairs, queued=lambda: self.coalescer.waiting)
         self.set_experts(experts)
         self.inflight = 0  # Forward calls between arrival and reply (read by the drain)
+        self.last_call = float("-inf")  # time.monotonic() of the last Forward call to arrive (read by the drain)
         self._report: LoadReport | None = None
         self._report_at = 0.0
 
@@ -158,6 +159,7 @@ class ExpertServicer:
         except WireError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.inflight += 1
+        self.last_call = time.monotonic()
         try:
             # Even a small call's math runs on the math thread: this loop must keep answering health checks
             # and Info however long a batch takes.
@@ -398,14 +400,18 @@ class ExpertShard:
 
     def __del__(self):
         """Serve stops the replica: drain, then exit. Routers learn it is draining at their next view refresh
-        and send it nothing new; calls already in flight finish; only then does the server stop."""
+        and send it nothing new; calls already in flight finish; only then does the server stop. A replica no
+        call reached for DRAIN_VIEW_S has no router sending to it (an idle one that calls later fails over to
+        another replica), so it does not wait for their views: deleting an idle app takes no drain."""
         if not hasattr(self, "channel"):  # __init__ failed before the server started
             return
         self.holdings.stop()
         try:
             self.registry.set_state(self.app, self.replica_id, "draining")
-            deadline = time.monotonic() + DRAIN_MAX_S
-            time.sleep(DRAIN_VIEW_S)
+            start = time.monotonic()
+            deadline = start + DRAIN_MAX_S
+            while min(time.monotonic() - start, time.monotonic() - self.servicer.last_call) < DRAIN_VIEW_S:
+                time.sleep(0.05)
             while self.servicer.inflight and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.registry.deregister(self.app, self.replica_id)
