@@ -16,7 +16,7 @@ placement lives in the directory and Ray's GCS key-value store.
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -111,11 +111,13 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
     """Rebalance every every_s (the first time first_s in, by default every_s), and at once when a shard's count
     of serving replicas changes: the placement in force spread the load over the old counts, so a shard that lost
     a replica (the autoscaler's, or a failure) now overloads those left, and one that gained a replica leaves it
-    short of work. Runs until `stop` is set."""
+    short of work. Each looks at the load of o.window_s, or of the time since the loop started if that is less.
+    Runs until `stop` is set."""
     from cluster.directory import DirectoryClient
 
     directory = DirectoryClient(app)
-    counts, due = None, time.monotonic() + (every_s if first_s is None else first_s)
+    started = time.monotonic()
+    counts, due = None, started + (every_s if first_s is None else first_s)
     while not stop.wait(poll_s):
         try:
             now = serving_counts(directory.snapshot())
@@ -128,7 +130,7 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
             continue
         due = time.monotonic() + every_s
         try:
-            r = rebalance(app, o)
+            r = rebalance(app, replace(o, window_s=min(o.window_s, time.monotonic() - started)))
             if r["switched"]:
                 log.info("rebalanced to placement v%d%s: predicted imbalance %.2f -> %.2f", r["version"],
                          " (replica counts changed)" if changed else "", r["imbalance_before"], r["imbalance_after"])

@@ -250,6 +250,7 @@ def run_policy(w: Workload, policy: str, r: LiveRun, name: str) -> dict:
             log.info("%s workloads: %.1f requests/s (%.0f%% of the %.1f this plane serves with full batches)", kind,
                      r.rates[kind], 100 * r.rates[kind] / full, full)
         times = arrivals(rng, w, r.rates[kind], r.duration_s)
+        backend.forget_load()  # the warm-up's and the calibration's: the first re-placement would balance on them
         t0 = time.monotonic()
         rec = Recorder(r.num_shards, t0)
         sampler = Sampler(rec, DirectoryClient(name), backend.slots_sent)

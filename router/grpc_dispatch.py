@@ -315,6 +315,11 @@ class GrpcExperts(ExpertBackend):
     def note_waiting(self, n: int) -> None:
         self.waiting = n
 
+    def forget_load(self) -> None:
+        """Drop the load routed since the last report (a warm-up that is not the traffic to balance or scale on)."""
+        with self._tokens_lock:
+            self.tokens, self.critical_s = np.zeros_like(self.tokens), {}
+
     def _report_load(self) -> None:
         with self._tokens_lock:
             counts, self.tokens = self.tokens, np.zeros_like(self.tokens)
