@@ -39,7 +39,7 @@ def plots(result: dict, out: Path) -> list[Path]:
                 if d["kind"] in ("rebalance", "kill"):
                     ax.axvline(d["time"], color="red" if d["kind"] == "kill" else "green", ls="--", lw=1)
             ax.set_ylabel("replicas")
-            load_ax.set_ylabel("load (rows/s)" if not result["simulated"] else "load (tokens/s)", fontsize=8)
+            load_ax.set_ylabel("load (slots/s)" if not result["simulated"] else "load (tokens/s)", fontsize=8)
             ax.set_title(f"{policy}: {r['avg_replicas']:.1f} replicas on average", fontsize=9)
         axes[0, 0].legend(fontsize=7, ncol=4, loc="upper left")
         axes[-1, 0].set_xlabel("seconds")
