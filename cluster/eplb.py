@@ -66,12 +66,12 @@ def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer:
                        min_copies: int = 1) -> list[list[Pair]]:
     """load (L, E) tokens per (layer, expert), capacity (G,) replicas per shard -> G lists of pairs.
 
-    Every pair is held by at least min_copies shards (as far as the shards' slots allow; at least once always),
-    by at most G; each shard holds at most ceil(copies_per_layer / G)
-    pairs of a layer, so every replica needs the same memory. Per layer, up to `max_tries` copy counts from
-    E to copies_per_layer are packed and the one with the lowest peak load per replica is kept (ties: fewer
-    copies): when shards have different replica counts, fewer, heavier copies can fill a bigger shard
-    where many even ones cannot.
+    Every pair is held by at least min(min_copies, G) shards where a packing tried achieves it (greedy packing
+    can drop a copy; a pair is held once always), by at most G; each shard holds at most
+    ceil(copies_per_layer / G) pairs of a layer, so every replica needs the same memory. Per layer, up to
+    `max_tries` copy counts from E * min(min_copies, G) to copies_per_layer are packed and, of those keeping every
+    pair's minimum, the one with the lowest peak load per replica is kept (ties: fewer copies): when shards have
+    different replica counts, fewer, heavier copies can fill a bigger shard where many even ones cannot.
 
     Example: one layer, load [60, 30, 10], two shards of one replica, 4 copies (2 slots each). 3 copies:
     60 -> shard 0; 30 and 10 -> shard 1: peak 60. 4 copies (expert 0 twice, 30 each): 30 -> 0, 30 -> 1,
@@ -96,7 +96,8 @@ def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer:
         best = None
         for copies in tries:
             out, here = pack(load[layer], replicate(load[layer], int(copies), G, low // E), capacity, slots, total)
-            score = (round(here.max(), 9), round((total + here).max(), 9))
+            short = np.bincount([e for _, e in out], minlength=E).min() < low // E  # packing dropped a needed copy
+            score = (short, round(here.max(), 9), round((total + here).max(), 9))
             if best is None or score < best[0]:
                 best = (score, out, here)
         _, out, here = best

@@ -68,9 +68,15 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     from cluster.autoscaling import log_decision
     from cluster.directory import DirectoryClient
 
+    if o.min_copies < 1:
+        raise ValueError(f"min_copies must be >= 1, got {o.min_copies}")
     directory = DirectoryClient(app)
     snapshot = directory.snapshot()
-    version, shards, replicas, plan_id = current_placement(snapshot)
+    version, shards, _, plan_id = current_placement(snapshot)
+    replicas = serving_counts(snapshot)
+    idle = [s for s in range(len(shards)) if not replicas.get(s)]
+    if idle:  # its pairs could not be made ready: wait for a replica (its arrival changes the count again)
+        raise ValueError(f"shards {idle} have no serving replica")
     counts = directory.token_counts(o.window_s)
     if counts is None or not np.any(counts):
         raise ValueError(f"no tokens routed in the last {o.window_s:.0f}s: nothing to balance on")
@@ -86,9 +92,14 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     before = imbalance(shard_loads(load, shards, capacity))
     after = imbalance(shard_loads(load, new, capacity))
     moved = sum(len(set(n) - set(o_)) for n, o_ in zip(new, shards, strict=True))
+    held = {}
+    for pairs in shards:
+        for p in pairs:
+            held[p] = held.get(p, 0) + 1
+    short = min(held.values(), default=0) < min(o.min_copies, G)  # below min_copies: switch whatever the gain
     result = {"version": version, "switched": False, "imbalance_before": before, "imbalance_after": after,
               "pairs_moved": moved, "seconds": 0.0, "shards": [[list(p) for p in s] for s in new]}
-    if o.dry_run or moved == 0 or before - after < o.min_gain:
+    if o.dry_run or moved == 0 or (before - after < o.min_gain and not short):
         return result
     target, seconds = switch_placement(app, result["shards"], o.timeout_s)
     result.update(version=target, switched=True, seconds=seconds)

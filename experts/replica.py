@@ -410,7 +410,7 @@ class ExpertShard:
             self.registry.set_state(self.app, self.replica_id, "draining")
             start = time.monotonic()
             deadline = start + DRAIN_MAX_S
-            while min(time.monotonic() - start, time.monotonic() - self.servicer.last_call) < DRAIN_VIEW_S:
+            while max(time.monotonic() - start, time.monotonic() - self.servicer.last_call) < DRAIN_VIEW_S:
                 time.sleep(0.05)
             while self.servicer.inflight and time.monotonic() < deadline:
                 time.sleep(0.05)

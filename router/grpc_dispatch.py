@@ -342,6 +342,16 @@ class GrpcExperts(ExpertBackend):
         reps = (routing or self.routing).replicas.get(shard, [])
         return [r for r in reps if self.suspect.get(r.replica_id, 0.0) <= now]
 
+    def _routes_around(self, layer: int, shard: int) -> bool:
+        """Whether `shard` is down and holds a pair of `layer` that a shard still up holds too."""
+        routing = self.routing
+        down = {s for s in range(routing.num_shards) if not self.live(s, routing)}
+        if shard not in down:
+            return False
+        holders = routing.holders[layer]  # (E, H)
+        up = (holders >= 0) & ~np.isin(holders, list(down))
+        return bool(((holders == shard).any(axis=1) & up.any(axis=1)).any())
+
     def unavailable_shards(self) -> list[int]:
         """Shards with no replica this router would call now (for /health)."""
         return sorted(s for s in range(self.num_shards) if not self.live(s))
@@ -540,7 +550,7 @@ class GrpcExperts(ExpertBackend):
                 break
             except ShardUnavailable as e:
                 # Its replicas are suspect now: once more, sending its pairs to their other holders, if any.
-                if attempt == STALE_RETRIES or e.shard in routed_around:
+                if attempt == STALE_RETRIES or e.shard in routed_around or not self._routes_around(layer, e.shard):
                     raise
                 routed_around.add(e.shard)
                 log.info("layer %d: routing around shard %d", layer, e.shard)
