@@ -16,6 +16,7 @@ placement lives in the directory and Ray's GCS key-value store.
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -44,8 +45,8 @@ class RebalanceOptions:
     timeout_s: float = field(default=120.0, metadata={"help": "give up if replicas are not ready within this"})
 
 
-def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]], dict[int, int], str]:
-    """(version, pairs of each shard, serving replicas per shard, plan_id) of an app's directory snapshot."""
+def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]], str]:
+    """(version, pairs of each shard, plan_id) of an app's directory snapshot."""
     entries = [e for e in snapshot["replicas"] if e.get("state") != "draining"]
     if not entries:
         raise ValueError("the expert plane has no registered replica")
@@ -56,8 +57,7 @@ def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]],
     num_shards = entries[0]["num_shards"]
     version, pairs = placement_in_force({"placement": snapshot["placement"], "replicas": entries})
     shards = [[tuple(p) for p in pairs.get(s, [])] for s in range(num_shards)]
-    replicas = {s: sum(e["shard"] == s for e in entries) for s in range(num_shards)}
-    return version, shards, replicas, plan_ids.pop()
+    return version, shards, plan_ids.pop()
 
 
 def rebalance(app: str, o: RebalanceOptions) -> dict:
@@ -72,7 +72,7 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
         raise ValueError(f"min_copies must be >= 1, got {o.min_copies}")
     directory = DirectoryClient(app)
     snapshot = directory.snapshot()
-    version, shards, _, plan_id = current_placement(snapshot)
+    version, shards, plan_id = current_placement(snapshot)
     replicas = serving_counts(snapshot)
     idle = [s for s in range(len(shards)) if not replicas.get(s)]
     if idle:  # its pairs could not be made ready: wait for a replica (its arrival changes the count again)
@@ -92,10 +92,7 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     before = imbalance(shard_loads(load, shards, capacity))
     after = imbalance(shard_loads(load, new, capacity))
     moved = sum(len(set(n) - set(o_)) for n, o_ in zip(new, shards, strict=True))
-    held = {}
-    for pairs in shards:
-        for p in pairs:
-            held[p] = held.get(p, 0) + 1
+    held = Counter(p for pairs in shards for p in pairs)
     short = min(held.values(), default=0) < min(o.min_copies, G)  # below min_copies: switch whatever the gain
     result = {"version": version, "switched": False, "imbalance_before": before, "imbalance_after": after,
               "pairs_moved": moved, "seconds": 0.0, "shards": [[list(p) for p in s] for s in new]}
@@ -110,11 +107,7 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
 
 def serving_counts(snapshot: dict) -> dict[int, int]:
     """shard -> its serving replicas, from a directory snapshot."""
-    counts: dict[int, int] = {}
-    for e in snapshot["replicas"]:
-        if e.get("state") == "serving":
-            counts[e["shard"]] = counts.get(e["shard"], 0) + 1
-    return counts
+    return dict(Counter(e["shard"] for e in snapshot["replicas"] if e.get("state") == "serving"))
 
 
 def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threading.Event, poll_s: float = 0.5,
@@ -158,7 +151,7 @@ def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0) -> 
 
     directory = DirectoryClient(app)
     snapshot = directory.snapshot()
-    version, _, _, plan_id = current_placement(snapshot)
+    version, _, plan_id = current_placement(snapshot)
     target = version + 1
     active = snapshot["placement"]
     if active and active["version"] >= target:  # a stale record of an earlier deployment: go past it

@@ -56,7 +56,7 @@ def plane_status(app: str) -> dict:
         raise ValueError(f"no expert plane {app!r} in this cluster")
     placement_version, pairs = 0, {}
     try:
-        placement_version, by_shard, _, _ = current_placement(snap)
+        placement_version, by_shard, _ = current_placement(snap)
         pairs = dict(enumerate(by_shard))
     except ValueError:  # no replica registered yet, or a deployment under way: each entry's own pairs
         pairs = {e["shard"]: e["pairs"] for e in snap["replicas"]}

@@ -342,19 +342,14 @@ class GrpcExperts(ExpertBackend):
         reps = (routing or self.routing).replicas.get(shard, [])
         return [r for r in reps if self.suspect.get(r.replica_id, 0.0) <= now]
 
-    def _routes_around(self, layer: int, shard: int) -> bool:
-        """Whether `shard` is down and holds a pair of `layer` that a shard still up holds too."""
-        routing = self.routing
-        down = {s for s in range(routing.num_shards) if not self.live(s, routing)}
-        if shard not in down:
-            return False
-        holders = routing.holders[layer]  # (E, H)
-        up = (holders >= 0) & ~np.isin(holders, list(down))
-        return bool(((holders == shard).any(axis=1) & up.any(axis=1)).any())
+    def down(self, routing: Routing | None = None) -> set[int]:
+        """Shards none of whose replicas this router would call now."""
+        routing = routing or self.routing
+        return {s for s in range(routing.num_shards) if not self.live(s, routing)}
 
     def unavailable_shards(self) -> list[int]:
         """Shards with no replica this router would call now (for /health)."""
-        return sorted(s for s in range(self.num_shards) if not self.live(s))
+        return sorted(self.down())
 
     def _suspect(self, rep: Replica, shard: int, why: str, report: bool = True) -> None:
         """Leave `rep` out for suspect_s; report it to the directory (which re-checks it) unless it is only busy."""
@@ -419,8 +414,7 @@ class GrpcExperts(ExpertBackend):
         if keys is None or not self.group_by_expert:  # the locality-blind baseline knows no sequences either
             keys = np.arange(len(ids), dtype=np.int64)
         # A shard none of whose replicas answers loses its pairs to their other holders (redundant copies).
-        down = {s for s in range(routing.num_shards) if not self.live(s, routing)}
-        holders, n_holders = around(routing.holders[layer], routing.n_holders[layer], down)
+        holders, n_holders = around(routing.holders[layer], routing.n_holders[layer], self.down(routing))
         shard_of = holders[ids, copy_of(layer, ids, keys, n_holders)]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
@@ -549,8 +543,11 @@ class GrpcExperts(ExpertBackend):
                 replies = self.gather(layer, [(s, rep, req) for s, rep, _, req in msgs], x.dtype)
                 break
             except ShardUnavailable as e:
-                # Its replicas are suspect now: once more, sending its pairs to their other holders, if any.
-                if attempt == STALE_RETRIES or e.shard in routed_around or not self._routes_around(layer, e.shard):
+                # Its replicas are suspect now: once more if `around` sends some of its pairs to other holders.
+                routing = self.routing
+                if (attempt == STALE_RETRIES or e.shard in routed_around
+                        or around(routing.holders[layer], routing.n_holders[layer], self.down(routing))[0]
+                        is routing.holders[layer]):
                     raise
                 routed_around.add(e.shard)
                 log.info("layer %d: routing around shard %d", layer, e.shard)
