@@ -107,6 +107,35 @@ def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer:
     return [sorted(s) for s in shards]
 
 
+def standby_copies(shards: list[list[Pair]], capacity: np.ndarray) -> list[list[Pair]]:
+    """Per shard, the pairs it loads but is sent nothing for while the pair has a holder up: one standby for each
+    pair that a single replica serves (held by one shard of one replica), so that losing any one replica leaves
+    every pair somewhere to go at once instead of stalling until Serve has started a new one. A standby goes to
+    the other shard with the fewest pairs of that layer so far (held or on standby: replicas keep even memory),
+    then the most replicas, then the lowest index.
+
+    Example: one layer, shard 0 [(0, 0), (0, 1)] with two replicas, shard 1 [(0, 2), (0, 3)] with one:
+    shard 1's pairs have a single replica -> standby [[(0, 2), (0, 3)], []].
+    """
+    G = len(shards)
+    standby: list[list[Pair]] = [[] for _ in range(G)]
+    if G < 2:
+        return standby
+    holders: dict[Pair, list[int]] = {}
+    per_layer: dict[tuple[int, int], int] = {}  # (shard, layer) -> pairs held or on standby
+    for g, pairs in enumerate(shards):
+        for p in pairs:
+            holders.setdefault(tuple(p), []).append(g)
+            per_layer[g, p[0]] = per_layer.get((g, p[0]), 0) + 1
+    for p, gs in sorted(holders.items()):
+        if sum(capacity[g] for g in gs) >= 2:
+            continue
+        g = min((g for g in range(G) if g not in gs), key=lambda g: (per_layer.get((g, p[0]), 0), -capacity[g], g))
+        standby[g].append(p)
+        per_layer[g, p[0]] = per_layer.get((g, p[0]), 0) + 1
+    return standby
+
+
 def shard_loads(load: np.ndarray, shards: list[list[Pair]], capacity: np.ndarray) -> np.ndarray:
     """(G,) load per replica of each shard if a pair's tokens split evenly over the shards holding it."""
     load = np.asarray(load, dtype=np.float64)

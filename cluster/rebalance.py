@@ -2,7 +2,9 @@
 live, without stopping decode.
 
 1. Read what the routers routed to each (layer, expert) over a window, and the shards' replica counts.
-2. Compute a balanced placement (cluster.eplb) with `redundant_experts` more copies per layer than experts.
+2. Compute a balanced placement (cluster.eplb) with `redundant_experts` more copies per layer than experts,
+   and a standby copy of every pair only one replica would serve, on another shard (routers send it nothing
+   while a holder of the pair is up), so that losing any one replica stalls nothing.
 3. Propose it: every replica loads the pairs the new placement gives its shard, beside those it serves,
    and lists the new version as ready. Routers still use the old placement meanwhile.
 4. Once every replica is ready, commit: routers switch at their next view refresh (one placement per
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cluster.eplb import balanced_placement, imbalance, shard_loads
+from cluster.eplb import balanced_placement, imbalance, shard_loads, standby_copies
 from cluster.placement import PlacementPlan
 from router.grpc_dispatch import placement_in_force
 
@@ -38,6 +40,9 @@ class RebalanceOptions:
     min_copies: int = field(default=1, metadata={
         "help": "shards holding every (layer, expert) at least (2: when every replica of one shard is gone, routers "
                 "send its pairs to their other holders; the copies this takes come on top of --redundant-experts)"})
+    standby: bool = field(default=True, metadata={
+        "help": "give every pair that only one replica serves a standby copy on another shard, which routers use "
+                "only while the pair's holders are down (memory for a replica loss that stalls nothing)"})
     window_s: float = field(default=60.0, metadata={"help": "balance the tokens routed over this many seconds"})
     min_gain: float = field(default=0.0, metadata={
         "help": "switch only if the predicted imbalance drops by at least this much"})
@@ -45,8 +50,8 @@ class RebalanceOptions:
     timeout_s: float = field(default=120.0, metadata={"help": "give up if replicas are not ready within this"})
 
 
-def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]], str]:
-    """(version, pairs of each shard, plan_id) of an app's directory snapshot."""
+def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]], list[list[tuple[int, int]]], str]:
+    """(version, pairs of each shard, standby pairs of each shard, plan_id) of an app's directory snapshot."""
     entries = [e for e in snapshot["replicas"] if e.get("state") != "draining"]
     if not entries:
         raise ValueError("the expert plane has no registered replica")
@@ -55,15 +60,15 @@ def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]],
         raise ValueError("the expert plane's replicas come from different deployments (an update is under way): "
                          "try again when it has finished")
     num_shards = entries[0]["num_shards"]
-    version, pairs = placement_in_force({"placement": snapshot["placement"], "replicas": entries})
+    version, pairs, standby = placement_in_force({"placement": snapshot["placement"], "replicas": entries})
     shards = [[tuple(p) for p in pairs.get(s, [])] for s in range(num_shards)]
-    return version, shards, plan_ids.pop()
+    return version, shards, [[tuple(p) for p in standby.get(s, [])] for s in range(num_shards)], plan_ids.pop()
 
 
 def rebalance(app: str, o: RebalanceOptions) -> dict:
     """Plan and (unless o.dry_run) apply a balanced placement; returns what it did:
     {"version", "switched", "imbalance_before", "imbalance_after" (predicted on the window's tokens),
-    "pairs_moved", "seconds", "shards"}."""
+    "pairs_moved", "seconds", "shards", "standby"}."""
     # Imported here, not at the top: the CLI reads RebalanceOptions for --help without loading Ray and Serve.
     from cluster.autoscaling import log_decision
     from cluster.directory import DirectoryClient
@@ -72,7 +77,7 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
         raise ValueError(f"min_copies must be >= 1, got {o.min_copies}")
     directory = DirectoryClient(app)
     snapshot = directory.snapshot()
-    version, shards, plan_id = current_placement(snapshot)
+    version, shards, standby, _ = current_placement(snapshot)
     replicas = serving_counts(snapshot)
     idle = [s for s in range(len(shards)) if not replicas.get(s)]
     if idle:  # its pairs could not be made ready: wait for a replica (its arrival changes the count again)
@@ -89,20 +94,36 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     redundant = min(redundant, n_experts * (G - 1))  # at most one copy of a pair per shard
     new = balanced_placement(load, capacity, n_experts + redundant, min_copies=o.min_copies)
     PlacementPlan.from_sets(new).validate(n_layers, n_experts)
+    new_standby = standby_copies(new, capacity) if o.standby else [[] for _ in new]
     before = imbalance(shard_loads(load, shards, capacity))
     after = imbalance(shard_loads(load, new, capacity))
     moved = sum(len(set(n) - set(o_)) for n, o_ in zip(new, shards, strict=True))
     held = Counter(p for pairs in shards for p in pairs)
-    short = min(held.values(), default=0) < min(o.min_copies, G)  # below min_copies: switch whatever the gain
+    # Below min_copies, or a pair of one replica without a standby (a scale-down, a lost replica): switch whatever
+    # the gain.
+    short = (min(held.values(), default=0) < min(o.min_copies, G)
+             or uncovered(shards, standby, capacity) > uncovered(new, new_standby, capacity))
     result = {"version": version, "switched": False, "imbalance_before": before, "imbalance_after": after,
-              "pairs_moved": moved, "seconds": 0.0, "shards": [[list(p) for p in s] for s in new]}
-    if o.dry_run or moved == 0 or (before - after < o.min_gain and not short):
+              "pairs_moved": moved, "seconds": 0.0, "shards": [[list(p) for p in s] for s in new],
+              "standby": [[list(p) for p in s] for s in new_standby]}
+    same = moved == 0 and all(set(a) == set(b) for a, b in zip(new_standby, standby, strict=True))
+    if o.dry_run or same or (before - after < o.min_gain and not short):
         return result
-    target, seconds = switch_placement(app, result["shards"], o.timeout_s)
+    target, seconds = switch_placement(app, result["shards"], o.timeout_s, result["standby"])
     result.update(version=target, switched=True, seconds=seconds)
     log_decision(app, "rebalance", f"placement v{target}: {moved} pairs moved, predicted imbalance {before:.2f} -> "
                                    f"{after:.2f}, replicas ready in {seconds:.1f}s")
     return result
+
+
+def uncovered(shards: list[list], standby: list[list], capacity: np.ndarray) -> int:
+    """Pairs that losing one replica would leave nowhere to go: served by a single replica, with no standby."""
+    replicas = Counter()
+    for g, pairs in enumerate(shards):
+        for p in pairs:
+            replicas[tuple(p)] += capacity[g]
+    spare = {tuple(p) for pairs in standby for p in pairs}
+    return sum(n < 2 and p not in spare for p, n in replicas.items())
 
 
 def serving_counts(snapshot: dict) -> dict[int, int]:
@@ -144,20 +165,22 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
             log.exception("rebalance failed")
 
 
-def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0) -> tuple[int, float]:
-    """Make `shards` (pairs of each shard) the app's placement, live: propose, wait until every replica
-    holds its new pairs, commit. -> (the new version, seconds it took)."""
+def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0, standby: list[list] | None = None
+                     ) -> tuple[int, float]:
+    """Make `shards` (pairs of each shard, and `standby`, each shard's standby pairs) the app's placement, live:
+    propose, wait until every replica holds its new pairs, commit. -> (the new version, seconds it took)."""
     from cluster.directory import DirectoryClient
 
     directory = DirectoryClient(app)
     snapshot = directory.snapshot()
-    version, _, plan_id = current_placement(snapshot)
+    version, _, _, plan_id = current_placement(snapshot)
     target = version + 1
     active = snapshot["placement"]
     if active and active["version"] >= target:  # a stale record of an earlier deployment: go past it
         target = active["version"] + 1
     t0 = time.monotonic()
     directory.propose({"version": target, "plan_id": plan_id, "shards": [[list(p) for p in s] for s in shards],
+                       "standby": [[list(p) for p in s] for s in (standby or [[] for _ in shards])],
                        "time": time.time()})
     try:
         wait_ready(directory, target, len(shards), timeout_s)
@@ -188,7 +211,8 @@ def format_result(r: dict) -> str:
     lines = [head, f"predicted per-replica imbalance (max - mean) / mean: {r['imbalance_before']:.2f} -> "
                    f"{r['imbalance_after']:.2f}; {r['pairs_moved']} (shard, pair) copies new"]
     for s, pairs in enumerate(r["shards"]):
-        lines.append(f"  shard {s}: {describe_pairs(pairs)}")
+        spare = f"  (standby {describe_pairs(r['standby'][s])})" if r["standby"][s] else ""
+        lines.append(f"  shard {s}: {describe_pairs(pairs)}{spare}")
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ def known_token(app: str) -> str | None:
 
 
 def plane_status(app: str) -> dict:
-    """{"app", "version", "placement_version", "requests_waiting", "shards": [{"shard", "pairs", "critical",
+    """{"app", "version", "placement_version", "requests_waiting", "shards": [{"shard", "pairs", "standby", "critical",
     "replicas": [{"replica_id", "address", "node_id", "state", "busy", "tokens": {"<layer>.<expert>": n}}]}],
     "decisions": [{"time", "kind", "detail"}]}.
 
@@ -54,10 +54,10 @@ def plane_status(app: str) -> dict:
     details = _get_global_client().get_serve_details().get("applications", {}).get(app)
     if details is None and not snap["replicas"]:
         raise ValueError(f"no expert plane {app!r} in this cluster")
-    placement_version, pairs = 0, {}
+    placement_version, pairs, standby = 0, {}, {}
     try:
-        placement_version, by_shard, _ = current_placement(snap)
-        pairs = dict(enumerate(by_shard))
+        placement_version, by_shard, spare, _ = current_placement(snap)
+        pairs, standby = dict(enumerate(by_shard)), dict(enumerate(spare))
     except ValueError:  # no replica registered yet, or a deployment under way: each entry's own pairs
         pairs = {e["shard"]: e["pairs"] for e in snap["replicas"]}
     shards: dict[int, dict] = {}
@@ -66,7 +66,8 @@ def plane_status(app: str) -> dict:
         registered.add(e["replica_id"])
         info = replica_info(e, token)
         held = [list(p) for p in pairs.get(e["shard"], [])]
-        shard = shards.setdefault(e["shard"], {"shard": e["shard"], "pairs": held, "replicas": []})
+        shard = shards.setdefault(e["shard"], {"shard": e["shard"], "pairs": held, "replicas": [],
+                                               "standby": [list(p) for p in standby.get(e["shard"], [])]})
         shard["replicas"].append({
             "replica_id": e["replica_id"], "address": e["address"], "node_id": e.get("node_id"),
             # Without the token (a plane deployed by another process's LLM) Info is not asked: no news is not "down".
@@ -77,7 +78,7 @@ def plane_status(app: str) -> dict:
         if not name.startswith("ExpertShard-"):
             continue
         s = int(name.rsplit("-", 1)[1])
-        shard = shards.setdefault(s, {"shard": s, "pairs": [], "replicas": []})
+        shard = shards.setdefault(s, {"shard": s, "pairs": [], "replicas": [], "standby": []})
         for r in dep.get("replicas", []):
             if r["replica_id"] not in registered and r["state"] in ("STARTING", "RUNNING", "UPDATING"):
                 shard["replicas"].append({"replica_id": r["replica_id"], "address": None,
@@ -100,8 +101,9 @@ def format_status(s: dict) -> str:
         lines.append(f"requests waiting for a batch slot: {s['requests_waiting']}")
     for shard in s["shards"]:
         critical = "" if shard["critical"] is None else f", last in {shard['critical']:.0%} of layer waits"
+        spare = f", standby for {describe_pairs(shard['standby'])}" if shard["standby"] else ""
         lines.append(f"shard {shard['shard']}: {len(shard['replicas'])} replicas, {len(shard['pairs'])} pairs "
-                     f"({describe_pairs(shard['pairs'])}){critical}")
+                     f"({describe_pairs(shard['pairs'])}){spare}{critical}")
         for r in shard["replicas"]:
             busy = "-" if r["busy"] is None else f"{r['busy']:.0%}"
             top = sorted(r["tokens"].items(), key=lambda kv: -kv[1])[:4]

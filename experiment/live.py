@@ -133,8 +133,8 @@ def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, tim
             raise TimeoutError(f"plane {name!r} did not return to {each} replicas a shard: {counts}")
         time.sleep(0.2)
     base = [list(s.pairs) for s in PlacementPlan.expert_parallel(n_layers, n_experts, r.num_shards).shards]
-    version, shards, _ = current_placement(snap)
-    if version and [sorted(map(tuple, s)) for s in shards] != [sorted(s) for s in base]:
+    version, shards, standby, _ = current_placement(snap)
+    if version and ([sorted(map(tuple, s)) for s in shards] != [sorted(s) for s in base] or any(standby)):
         switch_placement(name, base)
         time.sleep(1.2)  # the routers' view refresh (1 s): the next run starts from what the directory says
 

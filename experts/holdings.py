@@ -58,23 +58,30 @@ class Holdings:
         self._thread: threading.Thread | None = None
 
     def _valid(self, record: dict | None) -> dict | None:
-        if record and record["plan_id"] == self.plan_id and len(record["shards"]) == self.num_shards:
+        if (record and record["plan_id"] == self.plan_id and len(record["shards"]) == self.num_shards
+                and len(record.get("standby", record["shards"])) == self.num_shards):
             return record
         return None
 
-    def wanted(self) -> tuple[int, dict[int, list[Pair]]]:
-        """(active version, {version: this shard's pairs}) of the placement now in the registry."""
+    def _mine(self, record: dict) -> list[Pair]:
+        """This shard's pairs of a record: those routed to it and those it keeps on standby."""
+        standby = record.get("standby") or [[] for _ in record["shards"]]
+        return sorted({(int(l), int(e)) for l, e in [*record["shards"][self.shard], *standby[self.shard]]})
+
+    def wanted(self) -> tuple[int, dict[int, list[Pair]], list[Pair]]:
+        """(active version, {version: the pairs this shard loads for it}, the pairs routed to it in the active
+        version) of the placement now in the registry."""
         p = self.source.placement(self.app)
         active, target = self._valid(p["active"]), self._valid(p["target"])
-        want = {active["version"]: active["shards"][self.shard]} if active else {0: self.base_pairs}
+        want = {active["version"]: self._mine(active)} if active else {0: self.base_pairs}
         if target:
-            want[target["version"]] = target["shards"][self.shard]
-        return (active["version"] if active else 0), {v: sorted((int(l), int(e)) for l, e in ps)
-                                                      for v, ps in want.items()}
+            want[target["version"]] = self._mine(target)
+        routed = sorted((int(l), int(e)) for l, e in active["shards"][self.shard]) if active else self.base_pairs
+        return (active["version"] if active else 0), want, routed
 
     def sync(self) -> None:
         """Load what the placement wants and this replica lacks; drop what has been unwanted long enough."""
-        active, want = self.wanted()
+        active, want, routed = self.wanted()
         now = time.monotonic()
         for v in self.versions:
             if v not in want:
@@ -103,7 +110,7 @@ class Holdings:
         for v in expired:
             del self.retire[v]
         self.serving = active
-        self.on_change(self.experts, {"pairs": [list(p) for p in self.versions[active]], "version": active,
+        self.on_change(self.experts, {"pairs": [list(p) for p in routed], "version": active,
                                       "ready": sorted(self.versions)})
 
     def start(self) -> None:

@@ -120,6 +120,7 @@ class Routing:
     version: int
     holders: np.ndarray  # (L, E, H) shard ids holding each pair, padded with -1
     n_holders: np.ndarray  # (L, E)
+    standby: np.ndarray  # (L, E, S) shards keeping each pair loaded for when all its holders are down, padded with -1
     replicas: dict[int, list[Replica]]  # shard -> replicas ready for this version
 
     @property
@@ -127,14 +128,15 @@ class Routing:
         return int(self.holders.max()) + 1
 
 
-def placement_in_force(view: dict) -> tuple[int, dict[int, list]]:
-    """(version, shard -> its pairs) of the placement routers follow, from a ReplicaSource view: the active
-    record once some replica is ready for it, else the deployed plan (version 0), whose pairs the entries
-    ready for it list. A record left from another deployed plan never counts: no replica is ready for it."""
+def placement_in_force(view: dict) -> tuple[int, dict[int, list], dict[int, list]]:
+    """(version, shard -> its pairs, shard -> its standby pairs) of the placement routers follow, from a
+    ReplicaSource view: the active record once some replica is ready for it, else the deployed plan (version 0,
+    no standby), whose pairs the entries ready for it list. A record left from another deployed plan never
+    counts: no replica is ready for it."""
     record, entries = view["placement"], view["replicas"]
     if record and any(record["version"] in e.get("ready", (0,)) for e in entries):
-        return record["version"], dict(enumerate(record["shards"]))
-    return 0, {e["shard"]: e["pairs"] for e in entries if 0 in e.get("ready", (0,))}
+        return record["version"], dict(enumerate(record["shards"])), dict(enumerate(record.get("standby", [])))
+    return 0, {e["shard"]: e["pairs"] for e in entries if 0 in e.get("ready", (0,))}, {}
 
 
 def holder_table(entries: list[dict], n_layers: int, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +160,19 @@ def holder_table(entries: list[dict], n_layers: int, n_experts: int) -> tuple[np
         table[l, x, : len(shards)] = sorted(shards)
         count[l, x] = len(shards)
     return table, count
+
+
+def standby_table(standby: dict[int, list], n_layers: int, n_experts: int) -> np.ndarray:
+    """shard -> its standby pairs -> (L, E, S) the shards keeping each (layer, expert) on standby, padded with -1."""
+    keep: dict[tuple[int, int], list[int]] = {}
+    for shard, pairs in standby.items():
+        for l, x in pairs:
+            if 0 <= l < n_layers and 0 <= x < n_experts:
+                keep.setdefault((l, x), []).append(shard)
+    table = np.full((n_layers, n_experts, max((len(s) for s in keep.values()), default=1)), -1, dtype=np.int64)
+    for (l, x), shards in keep.items():
+        table[l, x, : len(shards)] = sorted(shards)
+    return table
 
 
 def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray) -> np.ndarray:
@@ -184,23 +199,31 @@ def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray
     return pick.reshape(ids.shape)
 
 
-def around(holders: np.ndarray, n_holders: np.ndarray, down: set[int]) -> tuple[np.ndarray, np.ndarray]:
+def around(holders: np.ndarray, n_holders: np.ndarray, down: set[int], standby: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
     """One layer's holders (E, H) and their counts (E,) with the shards in `down` left out of every pair that has
-    another holder; a pair only shards that are down hold keeps them (its call fails and the step is retried).
+    another holder up; a pair all of whose holders are down goes to those of its standby holders (E, S) that are
+    up; a pair with nowhere else to go keeps its holders (its call fails and the step is retried).
 
-    Example: expert 0 held by shards [2, 5], expert 1 by [5, -1]; shard 5 down -> expert 0 [2, -1] (one copy),
-    expert 1 [5, -1] (no other holder).
+    Example: expert 0 held by shards [2, 5], expert 1 by [5, -1], expert 2 by [5, -1] with standby [3], shard 5
+    down -> expert 0 [2, -1] (one copy), expert 1 [5, -1] (no other holder), expert 2 [3, -1].
     """
     if not down:
         return holders, n_holders
-    up = (holders >= 0) & ~np.isin(holders, list(down))  # (E, H)
+    gone = list(down)
+    up = (holders >= 0) & ~np.isin(holders, gone)  # (E, H)
     n_up = up.sum(axis=1)  # (E,)
-    moved = np.flatnonzero((n_up > 0) & (n_up < n_holders))
+    if standby is None:
+        standby = np.full((len(holders), 1), -1, dtype=holders.dtype)
+    spare = (standby >= 0) & ~np.isin(standby, gone)  # (E, S)
+    moved = np.flatnonzero(((n_up > 0) & (n_up < n_holders)) | ((n_up == 0) & spare.any(axis=1)))
     if not len(moved):
         return holders, n_holders
-    holders, n_holders = holders.copy(), n_holders.copy()
+    width = max(holders.shape[1], standby.shape[1])
+    holders = np.pad(holders, ((0, 0), (0, width - holders.shape[1])), constant_values=-1)
+    n_holders = n_holders.copy()
     for e in moved.tolist():
-        live = holders[e][up[e]]
+        live = holders[e, : up.shape[1]][up[e]] if n_up[e] else standby[e][spare[e]]
         holders[e] = -1
         holders[e, : len(live)] = live
         n_holders[e] = len(live)
@@ -274,14 +297,14 @@ class GrpcExperts(ExpertBackend):
     def _routing(self, view: dict, old: Routing | None) -> Routing:
         """The placement in force and the replicas ready for it; a holder table that would not cover the model
         (a shard with no replica left) keeps the old one."""
-        version, pairs = placement_in_force(view)
+        version, pairs, standby = placement_in_force(view)
         ready = [e for e in view["replicas"] if version in e.get("ready", (0,))]
         replicas: dict[int, list[Replica]] = {}
         for e in sorted(ready, key=lambda e: e["replica_id"]):
             replicas.setdefault(e["shard"], []).append(
                 Replica(e["replica_id"], e["address"], zlib.crc32(e["replica_id"].encode()), ClientTLS.from_entry(e)))
         if old is not None and old.version == version and version:
-            return Routing(version, old.holders, old.n_holders, replicas)
+            return Routing(version, old.holders, old.n_holders, old.standby, replicas)
         try:
             holders, n_holders = holder_table([{"shard": s, "pairs": ps} for s, ps in pairs.items()],
                                               self.n_layers, self.n_experts)
@@ -291,7 +314,7 @@ class GrpcExperts(ExpertBackend):
             holders, n_holders = old.holders, old.n_holders  # a shard with no replica left: keep its pairs
         if old is not None and old.version != version:
             log.info("expert placement version %d -> %d", old.version, version)
-        return Routing(version, holders, n_holders, replicas)
+        return Routing(version, holders, n_holders, standby_table(standby, self.n_layers, self.n_experts), replicas)
 
     @property
     def view(self) -> dict[int, list[Replica]]:
@@ -413,8 +436,10 @@ class GrpcExperts(ExpertBackend):
         x_raw = raw_rows(x)  # (T, dim) of same-size integers: rows of raw bytes
         if keys is None or not self.group_by_expert:  # the locality-blind baseline knows no sequences either
             keys = np.arange(len(ids), dtype=np.int64)
-        # A shard none of whose replicas answers loses its pairs to their other holders (redundant copies).
-        holders, n_holders = around(routing.holders[layer], routing.n_holders[layer], self.down(routing))
+        # A shard none of whose replicas answers loses its pairs to their other holders (redundant copies), or else
+        # to their standby holders.
+        holders, n_holders = around(routing.holders[layer], routing.n_holders[layer], self.down(routing),
+                                    routing.standby[layer])
         shard_of = holders[ids, copy_of(layer, ids, keys, n_holders)]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
@@ -546,8 +571,8 @@ class GrpcExperts(ExpertBackend):
                 # Its replicas are suspect now: once more if `around` sends some of its pairs to other holders.
                 routing = self.routing
                 if (attempt == STALE_RETRIES or e.shard in routed_around
-                        or around(routing.holders[layer], routing.n_holders[layer], self.down(routing))[0]
-                        is routing.holders[layer]):
+                        or around(routing.holders[layer], routing.n_holders[layer], self.down(routing),
+                                  routing.standby[layer])[0] is routing.holders[layer]):
                     raise
                 routed_around.add(e.shard)
                 log.info("layer %d: routing around shard %d", layer, e.shard)

@@ -111,6 +111,20 @@ def test_a_shard_that_is_down_loses_its_pairs_to_their_other_holders():
     assert h.tolist() == holders.tolist() and c.tolist() == n.tolist()
 
 
+def test_a_pair_whose_holders_are_all_down_goes_to_its_standby_holders_that_are_up():
+    holders = np.array([[2, 5], [5, -1], [5, -1], [4, -1]])  # (E, H): the docstring's example plus a bystander
+    n = np.array([2, 1, 1, 1])
+    standby = np.array([[-1, -1], [-1, -1], [3, 6], [5, -1]])  # (E, S): expert 2 on standby on shards 3 and 6
+    h, c = around(holders, n, {5, 6}, standby)
+    assert h.tolist() == [[2, -1], [5, -1], [3, -1], [4, -1]] and c.tolist() == [1, 1, 1, 1]
+    h, c = around(holders, n, {4}, standby)  # expert 3's standby is up: routed there
+    assert h[3].tolist() == [5, -1] and c[3] == 1 and h[:3].tolist() == holders[:3].tolist()
+    h, c = around(np.array([[5]]), np.array([1]), {5}, np.array([[1, 2]]))  # wider standby than holders
+    assert h.tolist() == [[1, 2]] and c.tolist() == [2]
+    h, c = around(holders, n, {2}, standby)  # a holder up for every pair: the standby stays out of it
+    assert h[0].tolist() == [5, -1] and h[2].tolist() == [5, -1]
+
+
 def test_every_replica_takes_tokens_and_outputs_do_not_change(three, local):
     backend = three.experts.backend
     entries = DirectoryClient(three.experts.app_name).replicas()
@@ -427,7 +441,8 @@ def test_a_pair_held_by_two_shards_shares_its_tokens(ray_session, ckpt, local):
 def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session, ckpt, local):
     """A rebalance started mid-generate: decode goes on through it, tokens equal the local run's, every
     replica ends up holding exactly its shard's pairs of the new placement, and a router that missed the
-    switch (it never refreshes its view) finds the new placement when a replica turns its old pairs away."""
+    switch (it never refreshes its view) finds the new placement when a replica turns its old pairs away
+    (without standby copies, which would let every replica take every pair here)."""
     from cluster.rebalance import RebalanceOptions, rebalance
     from cluster.status import plane_status
     from router.grpc_dispatch import GrpcExperts
@@ -454,7 +469,7 @@ def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session
                 calls.append(time.monotonic())
                 if len(calls) == 10:
                     result["start"] = time.monotonic()
-                    threading.Thread(target=lambda: result.update(r=rebalance(app, RebalanceOptions()),
+                    threading.Thread(target=lambda: result.update(r=rebalance(app, RebalanceOptions(standby=False)),
                                                                   end=time.monotonic())).start()
                 return self.inner.forward(layer, x, expert_ids, weights, keys)
 
@@ -471,6 +486,7 @@ def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session
         new = {s: sorted(map(tuple, pairs)) for s, pairs in enumerate(r["shards"])}
         assert all(len(pairs) == 2 * 3 for pairs in new.values())  # 4 experts + 2 copies per layer, 3 per shard
         assert all((l, e) in new[0] and (l, e) in new[1] for l in range(a.n_layers) for e in (0, 2))
+        assert r["standby"] == [[], []]
         entries = DirectoryClient(app).replicas()
 
         def holds_new() -> bool:
@@ -497,7 +513,9 @@ def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session
 
 
 def test_periodic_rebalance_follows_the_load(ray_session, ckpt, local):
-    """With rebalance_interval_s set, the plane re-places on its own once the routers' load calls for it."""
+    """With rebalance_interval_s set, the plane re-places on its own once the routers' load calls for it, each pair
+    that one replica serves gets a standby copy on the other shard, and when a shard's only replica dies its pairs go
+    to their other holders and standby copies at once: no call fails, no output changes."""
     from cluster.status import plane_status
 
     llm = LLM(ckpt, expert_backend="ray", num_shards=2, expert_num_cpus=0.1, rebalance_interval_s=1.0)
@@ -514,8 +532,24 @@ def test_periodic_rebalance_follows_the_load(ray_session, ckpt, local):
         assert any(d["kind"] == "rebalance" for d in s["decisions"])
         assert all((l, e) in map(tuple, sh["pairs"]) for sh in s["shards"] for l in range(llm.args.n_layers)
                    for e in (0, 2))  # the hot experts now on both shards
-        outs = llm.generate(PROMPTS, GREEDY)
-        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in local.generate(PROMPTS,
-                                                                                                         GREEDY)]
+        pairs = sorted((l, e) for l in range(llm.args.n_layers) for e in range(4))
+        assert all(sorted(map(tuple, sh["pairs"] + sh["standby"])) == pairs for sh in s["shards"])
+        assert not set(map(tuple, s["shards"][0]["standby"])) & set(map(tuple, s["shards"][1]["standby"]))
+        want = [o.outputs[0].token_ids for o in local.generate(PROMPTS, GREEDY)]
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        backend = llm.experts.backend
+        wait_for(lambda: backend.routing.version >= 1, what="the router's switch")
+        # Shard 1's only replica dies: shard 0 runs every slot, its standby copies included; no call fails.
+        x = torch.randn(6, llm.args.dim)
+        ids = torch.tensor([[0, 1], [2, 3], [1, 3], [3, 0], [1, 2], [3, 1]])
+        weights = torch.softmax(torch.randn(6, 2), -1)
+        victim = next(e for e in directory.replicas() if e["shard"] == 1)
+        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)  # Serve starts another
+        wait_for(lambda: not pid_alive(victim["pid"]), what="the killed replica's process to exit")
+        zeros = [rep.replica_id for rep in backend.view[0]]
+        before = sum(backend.slots_sent.get(rid, 0) for rid in zeros)
+        assert torch.allclose(backend.forward(1, x, ids, weights), local.engine.experts.forward(1, x, ids, weights),
+                              atol=1e-5)
+        assert sum(backend.slots_sent.get(rid, 0) for rid in zeros) - before == ids.numel()
     finally:
         llm.shutdown()

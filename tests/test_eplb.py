@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from cluster.eplb import balanced_placement, imbalance, replicate, shard_loads
+from cluster.eplb import balanced_placement, imbalance, replicate, shard_loads, standby_copies
 from cluster.placement import PlacementPlan
+from cluster.rebalance import uncovered
 
 
 def zipf_load(rng, n_layers: int, n_experts: int, s: float) -> np.ndarray:
@@ -96,3 +97,20 @@ def test_a_copy_with_nowhere_to_go_is_dropped_not_a_crash():
     shards = balanced_placement(load, capacity, 16)
     PlacementPlan.from_sets(shards).validate(6, 8)
     assert imbalance(shard_loads(load, shards, capacity)) < 0.2
+
+
+def test_every_pair_of_a_single_replica_gets_one_standby_on_another_shard():
+    # The docstring's example: shard 1 has one replica, so its pairs get a standby on shard 0.
+    assert standby_copies([[(0, 0), (0, 1)], [(0, 2), (0, 3)]], np.array([2, 1])) == [[(0, 2), (0, 3)], []]
+    # Two layers on three shards of one replica, (0, 0) also held by shard 2: no standby for it.
+    shards = [[(0, 0), (0, 1), (1, 0)], [(0, 2), (1, 1), (1, 2)], [(0, 0), (0, 3), (1, 3)]]
+    capacity = np.array([1, 1, 1])
+    spare = standby_copies(shards, capacity)
+    held = {p: [g for g, s in enumerate(shards) if p in s] for s in shards for p in s}
+    on = {p: [g for g, s in enumerate(spare) if p in s] for s in spare for p in s}
+    assert (0, 0) not in on and set(on) == set(held) - {(0, 0)}
+    assert all(len(gs) == 1 and gs[0] not in held[p] for p, gs in on.items())  # one, never on its own holder
+    per_layer = [[sum(l == layer for l, _ in s + sp) for s, sp in zip(shards, spare, strict=True)] for layer in (0, 1)]
+    assert all(max(c) - min(c) <= 1 for c in per_layer)  # memory stays even: fewest of the layer first
+    assert uncovered(shards, [[], [], []], capacity) == 7 and uncovered(shards, spare, capacity) == 0
+    assert standby_copies([[(0, 0)]], np.array([1])) == [[]]  # one shard: nowhere else to keep it

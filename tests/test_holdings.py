@@ -79,6 +79,26 @@ def test_load_beside_switch_then_drop(ckpt_dir, monkeypatch):
     assert late.ckpt.bytes_loaded == 2 * one
 
 
+def test_standby_pairs_are_loaded_but_not_registered_as_routed(ckpt_dir, monkeypatch):
+    monkeypatch.setattr(experts.holdings, "LOAD_SPREAD_S", 0.0)
+    source = Source()
+    h, installed = follower(ckpt_dir, source)
+    h.sync()
+    source.active = {"version": 1, "plan_id": "plan-a", "shards": [[[0, 0], [1, 0]], [[0, 1]]],
+                     "standby": [[[0, 1]], [[1, 0]]]}  # this shard (1) keeps (1, 0) on standby
+    h.sync()
+    experts_, fields = installed[-1]
+    assert fields["pairs"] == [[0, 1]] and fields["version"] == 1
+    assert {(0, 1), (1, 0)} <= set(experts_.pairs)  # (1, 1) of version 0 is still kept for a while
+    x, ids, w = torch.randn(3, h.ckpt.args.dim), torch.tensor([[0, -1]] * 3), torch.ones(3, 2)
+    fresh = ExpertSet.load(Checkpoint(ckpt_dir), [(1, 0)], torch.float32)
+    assert torch.allclose(experts_.forward(1, x, ids, w), fresh.forward(1, x, ids, w), atol=1e-6)
+    bad = {"version": 2, "plan_id": "plan-a", "shards": [[[0, 0]], [[0, 1]]], "standby": [[]]}  # one shard short
+    source.target = bad
+    h.sync()
+    assert installed[-1][1]["ready"] == [0, 1]  # a malformed record is ignored
+
+
 def test_a_placement_of_another_plan_is_ignored(ckpt_dir):
     source = Source()
     source.active = {"version": 4, "plan_id": "plan-a", "shards": [[[0, 0]], [[0, 3]]]}
