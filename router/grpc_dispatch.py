@@ -181,10 +181,13 @@ def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray
     A pair held by several shards splits this call's tokens evenly among its copies (to within one), in
     the order of a hash of (sequence, pair): ranges of that order go to one copy each, so a sequence
     tends to keep its copy from step to step, and no copy gets more than its share, which hashing each
-    sequence on its own would give it with a few dozen sequences.
+    sequence on its own would give it with a few dozen sequences. Which copies take the odd tokens rotates
+    with the lowest hash: fixed, the first copy (the lowest shard) would take them in every call, half
+    again its share when calls carry a token or two of a pair, as decode steps do.
 
     Example: expert 3 has 2 copies and 5 of this call's tokens; by hash they rank [t4, t0, t2, t1, t3]:
-    t4, t0, t2 (ranks 0-2, rank * 2 // 5 == 0) go to copy 0; t1, t3 to copy 1.
+    rank * 2 // 5 gives [0, 0, 0, 1, 1]; rotated by t4's hash, say by 1: t4, t0, t2 go to copy 1; t1, t3
+    to copy 0.
     """
     n = n_holders[ids]  # (T, k)
     pick = np.zeros(ids.size, dtype=np.int64)
@@ -195,7 +198,8 @@ def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray
         for e in np.unique(flat[multi]).tolist():
             at = np.flatnonzero(flat == e)
             order = at[np.argsort(h[at], kind="stable")]
-            pick[order] = np.arange(len(at)) * int(n_holders[e]) // len(at)
+            copies = int(n_holders[e])
+            pick[order] = (np.arange(len(at)) * copies // len(at) + int(h[order[0]] % np.uint64(copies))) % copies
     return pick.reshape(ids.shape)
 
 

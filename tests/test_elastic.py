@@ -19,7 +19,7 @@ from cluster.status import replica_info
 from protos import expert_pb2
 from router import LLM, SamplingParams
 from router.dispatch import ExpertBackend
-from router.grpc_dispatch import around, spread
+from router.grpc_dispatch import around, copy_of, spread
 from server.async_engine import AsyncEngine, Submission
 
 PROMPTS = [[i + 1, 2 * i + 3, 7, 11] for i in range(12)]
@@ -99,6 +99,23 @@ def three(ray_session, ckpt):
     llm = LLM(ckpt, expert_backend="ray", num_shards=2, replicas_per_shard=3, expert_num_cpus=0.1)
     yield llm
     llm.shutdown()
+
+
+def test_copies_of_a_pair_split_each_call_within_one_and_share_evenly_over_small_calls():
+    n_holders = np.array([1, 2, 3, 1])  # (E,) expert 1 has two copies, expert 2 three
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.full(7, 1), np.full(7, 2)], 1)  # (T, k): 7 tokens of experts 1 and 2
+    pick = copy_of(0, ids, rng.integers(0, 1 << 40, 7), n_holders)
+    assert sorted(np.bincount(pick[:, 0], minlength=2)) == [3, 4]
+    assert sorted(np.bincount(pick[:, 1], minlength=3)) == [2, 2, 3]
+    assert (copy_of(0, np.array([[0, 3]]), np.array([5]), n_holders) == 0).all()  # one copy: always it
+    # Calls of one or two tokens, as decode steps carry of a cold pair: every copy gets its share, not the first.
+    counts = np.zeros(3)
+    for _ in range(3000):
+        t = int(rng.integers(1, 3))
+        pick = copy_of(1, np.full((t, 1), 2), rng.integers(0, 1 << 40, t), n_holders)
+        counts += np.bincount(pick.ravel(), minlength=3)
+    assert np.abs(counts / counts.sum() - 1 / 3).max() < 0.03
 
 
 def test_a_shard_that_is_down_loses_its_pairs_to_their_other_holders():
