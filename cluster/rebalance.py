@@ -92,7 +92,7 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     redundant = G if o.redundant_experts is None else o.redundant_experts
     redundant += n_experts * (min(o.min_copies, G) - 1)
     redundant = min(redundant, n_experts * (G - 1))  # at most one copy of a pair per shard
-    new = balanced_placement(load, capacity, n_experts + redundant, min_copies=o.min_copies)
+    new = balanced_placement(load, capacity, n_experts + redundant, min_copies=o.min_copies, current=shards)
     PlacementPlan.from_sets(new).validate(n_layers, n_experts)
     new_standby = standby_copies(new, capacity) if o.standby else [[] for _ in new]
     before = imbalance(shard_loads(load, shards, capacity))

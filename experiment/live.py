@@ -498,23 +498,30 @@ def throughput_lost(rec: Recorder, at: float, r: LiveRun, before_s: float = 10.0
 
 
 def settled_imbalance(per_replica: list[tuple[float, dict[str, int]]], since: float, min_s: int = 5) -> float | None:
-    """Per-replica imbalance of the (token, expert) slots each replica ran per second it served, from `since`
-    (s into the run) on; a replica serving fewer than min_s of those seconds (starting, killed) is left out. Over
-    many seconds, so that it says how even the placement and the spread are, not how many slots one second drew.
+    """Per-replica imbalance of the (token, expert) slots each replica ran, from `since` (s into the run) on, each
+    replica's slots set against the mean of all serving replicas' in the same seconds: load rises and falls over a
+    run, and a replica that served only its busy part (one started late) is not uneven for it. A replica serving
+    fewer than min_s of those seconds (starting, killed) is left out. Over many seconds, so that it says how even
+    the placement and the spread are, not how many slots one second drew.
 
-    Example: replica a ran 100 and 120 slots in two seconds, b 90 and 90, c 30 in one: rates a 110, b 90 (c left
-    out with min_s 2): mean 100, imbalance (110 - 100) / 100 = 0.1.
+    Example: replica a ran 100 and 120 slots in two seconds, b 90 and 90, c 30 in the second: the seconds' means are
+    95 and 80, so a ran 220 / 175 = 1.26 of the mean, b 1.03 (c left out with min_s 2): imbalance
+    (1.26 - 1.14) / 1.14 = 0.1. Had a and b run 100 each, then a, b and c 200 each, every replica ran the mean: 0.
     """
-    rows: dict[str, int] = {}
+    mean: dict[float, float] = {}
+    ran: dict[str, float] = {}
+    expected: dict[str, float] = {}
     seconds: dict[str, int] = {}
     for t, counts in per_replica:
-        if t < since:
+        if t < since or not counts:
             continue
+        mean[t] = sum(counts.values()) / len(counts)
         for rid, n in counts.items():
-            rows[rid] = rows.get(rid, 0) + n
+            ran[rid] = ran.get(rid, 0) + n
+            expected[rid] = expected.get(rid, 0.0) + mean[t]
             seconds[rid] = seconds.get(rid, 0) + 1
-    rates = [rows[rid] / seconds[rid] for rid in rows if seconds[rid] >= min_s]
-    return imbalance(rates) if len(rates) > 1 else None
+    rel = [ran[rid] / expected[rid] for rid in ran if seconds[rid] >= min_s and expected[rid] > 0]
+    return imbalance(rel) if len(rel) > 1 else None
 
 
 def summarize(rec: Recorder, r: LiveRun, log_: list[dict], t0: float, kill: dict | None,

@@ -473,8 +473,8 @@ def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session
     try:
         llm.generate(PROMPTS, GREEDY)
         wait_for(lambda: DirectoryClient(app).token_counts(60) is not None, what="the router's token report")
-        # On top of the router's own reports, a skew as another router would report it: experts 0 and 2 hot,
-        # so both get a second copy and shard 1 (experts 1, 3) gives up one of its own.
+        # On top of the router's own reports, a skew as another router would report it: experts 0 and 2 hot, both
+        # on shard 0, so the rebalance moves or copies one of them to shard 1.
         DirectoryClient(app).report_load([[100_000, 1_000, 90_000, 1_000]] * a.n_layers, [], 0)
         result, calls = {}, []
 
@@ -501,8 +501,9 @@ def test_rebalance_switches_placement_live_and_outputs_do_not_change(ray_session
         assert r["switched"] and r["version"] == 1 and r["pairs_moved"] > 0
         assert any(result["start"] < t < result["end"] for t in calls)  # decode did not wait for the switch
         new = {s: sorted(map(tuple, pairs)) for s, pairs in enumerate(r["shards"])}
-        assert all(len(pairs) == 2 * 3 for pairs in new.values())  # 4 experts + 2 copies per layer, 3 per shard
-        assert all((l, e) in new[0] and (l, e) in new[1] for l in range(a.n_layers) for e in (0, 2))
+        assert all(len(pairs) <= 2 * 3 for pairs in new.values())  # 4 experts + up to 2 copies a layer, 3 a shard
+        assert all(any((l, e) in new[s] for e in (0, 2)) for s in (0, 1) for l in range(a.n_layers))
+        assert r["imbalance_after"] <= 0.1 < r["imbalance_before"]
         assert r["standby"] == [[], []]
         entries = DirectoryClient(app).replicas()
 
@@ -547,8 +548,8 @@ def test_periodic_rebalance_follows_the_load(ray_session, ckpt, local):
         wait_for(switched, timeout_s=60, what="a periodic rebalance")
         s = plane_status(app)
         assert any(d["kind"] == "rebalance" for d in s["decisions"])
-        assert all((l, e) in map(tuple, sh["pairs"]) for sh in s["shards"] for l in range(llm.args.n_layers)
-                   for e in (0, 2))  # the hot experts now on both shards
+        assert all(any((l, e) in map(tuple, sh["pairs"]) for e in (0, 2)) for sh in s["shards"]
+                   for l in range(llm.args.n_layers))  # the hot experts no longer both on shard 0 alone
         pairs = sorted((l, e) for l in range(llm.args.n_layers) for e in range(4))
         assert all(sorted(map(tuple, sh["pairs"] + sh["standby"])) == pairs for sh in s["shards"])
         assert not set(map(tuple, s["shards"][0]["standby"])) & set(map(tuple, s["shards"][1]["standby"]))

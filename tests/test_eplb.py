@@ -114,3 +114,24 @@ def test_every_pair_of_a_single_replica_gets_one_standby_on_another_shard():
     assert all(max(c) - min(c) <= 1 for c in per_layer)  # memory stays even: fewest of the layer first
     assert uncovered(shards, [[], [], []], capacity) == 7 and uncovered(shards, spare, capacity) == 0
     assert standby_copies([[(0, 0)]], np.array([1])) == [[]]  # one shard: nowhere else to keep it
+
+
+def test_a_rebalance_on_fresh_noisy_counts_keeps_most_copies_where_they_are():
+    rng = np.random.default_rng(0)
+    L, E, G = 4, 8, 8
+    p = 1 / np.arange(1, E + 1) ** 1.2
+    true = np.stack([rng.permutation(p / p.sum()) for _ in range(L)])  # (L, E)
+    capacity = np.array([2, 2, 2, 1, 1, 2, 2, 1])
+    window = [np.stack([rng.multinomial(400, true[l]) for l in range(L)]).astype(float) for _ in range(10)]
+    same = balanced_placement(window[0], capacity, E + G)
+    assert balanced_placement(window[0], capacity, E + G, current=same) == same  # nothing to gain: nothing moves
+    moved, imbalances = {}, {}
+    for sticky in (False, True):
+        cur, moved[sticky], imbalances[sticky] = same, 0, []
+        for counts in window[1:]:
+            new = balanced_placement(counts, capacity, E + G, current=cur if sticky else None)
+            moved[sticky] += sum(len(set(n) - set(o)) for n, o in zip(new, cur, strict=True))
+            imbalances[sticky].append(imbalance(shard_loads(true, new, capacity)))
+            cur = new
+    assert moved[True] < 0.7 * moved[False]
+    assert np.mean(imbalances[True]) < np.mean(imbalances[False]) + 0.03  # as balanced on the true load

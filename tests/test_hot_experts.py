@@ -89,15 +89,20 @@ def test_throughput_lost_counts_what_the_minute_did_not_deliver():
     assert throughput_lost(rec, 30.0, r) == pytest.approx(2.3 / 60, abs=0.005)
 
 
-def test_settled_imbalance_is_per_replica_rate_over_the_seconds_each_served():
+def test_settled_imbalance_sets_each_replica_against_the_mean_of_the_seconds_it_served():
     from experiment.live import settled_imbalance
 
     # The docstring's example, then: seconds before `since` do not count, nor does a replica that barely served.
     per_replica = [(10.0, {"a": 100, "b": 90}), (11.0, {"a": 120, "b": 90, "c": 30})]
     assert settled_imbalance(per_replica, since=10.0, min_s=2) == pytest.approx(0.1)
     assert settled_imbalance([(5.0, {"a": 1000, "b": 0}), *per_replica], since=10.0, min_s=2) == pytest.approx(0.1)
-    assert settled_imbalance(per_replica, since=10.0, min_s=1) == pytest.approx(110 / ((110 + 90 + 30) / 3) - 1)
+    rel = [220 / 175, 180 / 175, 30 / 80]  # c: 30 slots in a second whose mean was 80
+    assert settled_imbalance(per_replica, since=10.0, min_s=1) == pytest.approx(max(rel) / (sum(rel) / 3) - 1)
     assert settled_imbalance(per_replica, since=12.0) is None  # nothing after: no figure, not a perfect one
+    # A replica that joined when the load doubled ran what the others ran in its seconds: even.
+    busy = {"a": 200, "b": 200, "c": 200}
+    rising = [(10.0, {"a": 100, "b": 100}), (11.0, busy), (12.0, busy)]
+    assert settled_imbalance(rising, since=10.0, min_s=2) == pytest.approx(0.0)
 
 
 def test_quick_live_run(ray_session, tmp_path):
