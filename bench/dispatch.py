@@ -6,10 +6,13 @@ replica processes over the same channels: the floor any dispatch over gRPC pays.
 small intermediate size so that the expert math, reported beside it, does not hide the transport.
 Then C callers send the same layer's messages at once (as C routers or micro-batches would), and the
 replicas' Info says how many calls each run of expert math took (they merge concurrent calls of a layer).
-Part 2 decodes the model-core benchmark checkpoint with the experts on Ray, in-process, and in HF.
+Part 2 decodes the model-core benchmark checkpoint with the experts on Ray, in-process, and in HF, and says how
+many of the machine's cores the Ray decode kept busy (router and replicas together): what overlapping a
+micro-batch's calls with the other's attention can gain is bounded by the cores left idle.
 """
 
 import asyncio
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import bench_checkpoint, best_of_each, percentile, with_threads
+from bench.harness import bench_checkpoint, best_of_each, cores_busy, percentile, with_threads
 from checkpoint.args import ModelArgs
 from checkpoint.hf import expert_names
 from checkpoint.writer import save_checkpoint
@@ -255,11 +258,13 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 tps = {k: b * n / t for k, t in best.items()}
                 for ref in ("local", "HF"):
                     tps[ref] = max(v for k, v in tps.items() if k.startswith(ref + "@"))
+                busy = {k: cores_busy(fns[k]) for k in [*rays, *(f"{k} pp" for k in rays)]}
                 same = all(tokens[k] == tokens["local"] for k in rays)
                 print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
                       + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
                       + " | " + " ".join(f"{k} ping-pong: {tps[k + ' pp'] / tps[k]:.2f}x, {hidden[k]:.0%} "
-                                         "of dispatch hidden" for k in rays)
+                                         f"of dispatch hidden; cores busy {busy[k]:.2f} ({busy[k + ' pp']:.2f} "
+                                         f"ping-pong) of {os.cpu_count()}" for k in rays)
                       + ("" if same else "   (ray and local tokens differ!)"))
     finally:
         torch.set_num_threads(default_threads)

@@ -1,5 +1,6 @@
 """What every benchmark shares: the benchmark checkpoint, interleaved best-of timing, one percentile."""
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,3 +70,26 @@ def with_threads(n: int, fn: Callable[[], object]) -> Callable[[], object]:
         torch.set_num_threads(n)
         return fn()
     return run
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def cores_busy(fn: Callable[[], object]) -> float:
+    """How many of this machine's cores were busy, on average, while fn ran (every process counts: the replicas
+    beside this one too); NaN where /proc/stat is missing. Where it nears os.cpu_count(), nothing is left for
+    overlapping work to use."""
+    before = _cpu_jiffies()
+    fn()
+    after = _cpu_jiffies()
+    if before is None or after is None or after[1] == before[1]:
+        return float("nan")
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)

@@ -51,7 +51,8 @@ class ReplicaDirectory:
         self.seen: dict[tuple[str, str], float] = {}  # (app, replica_id) -> last registration
         # Bumps on every change; starts from the clock so that a restarted directory never goes back.
         self.version = time.time_ns() // 1_000_000
-        # app -> {"active": record | None, "target": record | None}; a record is {"version", "plan_id", "shards"}
+        # app -> {"active": record | None, "target": record | None}; a record is {"version", "plan_id", "shards",
+        # "standby"} (standby: per shard, pairs it loads but routers use only while their holders are down)
         self.placements: dict[str, dict] = {}
         self.tokens: dict[str, deque] = {}  # app -> (time, (L, E) tokens) reports of routers
         self.critical: dict[str, deque] = {}  # app -> (time, per-shard critical seconds, waiting) reports

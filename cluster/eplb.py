@@ -129,8 +129,9 @@ def standby_copies(shards: list[list[Pair]], capacity: np.ndarray) -> list[list[
     """Per shard, the pairs it loads but is sent nothing for while the pair has a holder up: one standby for each
     pair that a single replica serves (held by one shard of one replica), so that losing any one replica leaves
     every pair somewhere to go at once instead of stalling until Serve has started a new one. A standby goes to
-    the other shard with the fewest pairs of that layer so far (held or on standby: replicas keep even memory),
-    then the most replicas, then the lowest index.
+    the other shard with the fewest pairs of that layer so far (held or on standby), then of all layers, then the
+    most replicas, then the lowest index, so that the standby memory spreads evenly over the shards (a shard's
+    replicas need room for its standby pairs beside the ones they serve).
 
     Example: one layer, shard 0 [(0, 0), (0, 1)] with two replicas, shard 1 [(0, 2), (0, 3)] with one:
     shard 1's pairs have a single replica -> standby [[(0, 2), (0, 3)], []].
@@ -141,6 +142,7 @@ def standby_copies(shards: list[list[Pair]], capacity: np.ndarray) -> list[list[
         return standby
     holders: dict[Pair, list[int]] = {}
     per_layer: dict[tuple[int, int], int] = {}  # (shard, layer) -> pairs held or on standby
+    total = [len(pairs) for pairs in shards]
     for g, pairs in enumerate(shards):
         for p in pairs:
             holders.setdefault(tuple(p), []).append(g)
@@ -148,9 +150,11 @@ def standby_copies(shards: list[list[Pair]], capacity: np.ndarray) -> list[list[
     for p, gs in sorted(holders.items()):
         if sum(capacity[g] for g in gs) >= 2:
             continue
-        g = min((g for g in range(G) if g not in gs), key=lambda g: (per_layer.get((g, p[0]), 0), -capacity[g], g))
+        g = min((g for g in range(G) if g not in gs),
+                key=lambda g: (per_layer.get((g, p[0]), 0), total[g], -capacity[g], g))
         standby[g].append(p)
         per_layer[g, p[0]] = per_layer.get((g, p[0]), 0) + 1
+        total[g] += 1
     return standby
 
 

@@ -99,7 +99,8 @@ def build_expert_plane(model: str, dtype: str, plane: ExpertPlaneConfig, reserve
               plane.max_concurrent_rpcs or MAX_CONCURRENT_RPCS, pace)
         for i, (shard, pairs) in enumerate(zip(plan.shards, sets, strict=True))
     ]
-    return ExpertPlane.bind(plane.rebalance_interval_s, plane.redundant_experts, plane.min_copies, *shards)
+    return ExpertPlane.bind(plane.rebalance_interval_s, plane.redundant_experts, plane.min_copies, plane.standby,
+                            *shards)
 
 
 def build_expert_plane_app(args: dict) -> serve.Application:

@@ -20,19 +20,20 @@ class ExpertPlane:
     """
 
     def __init__(self, rebalance_interval_s: float | None, redundant_experts: int | None, min_copies: int,
-                 *shards):
+                 standby: bool, *shards):
         self.shards = shards  # DeploymentHandles, kept so the shards belong to this application
         self._stop = threading.Event()
         if rebalance_interval_s:
             app = serve.get_replica_context().app_name
-            threading.Thread(target=self._rebalance, args=(app, rebalance_interval_s, redundant_experts, min_copies),
-                             name="rebalance", daemon=True).start()
+            o = dict(redundant_experts=redundant_experts, min_copies=min_copies, standby=standby,
+                     window_s=rebalance_interval_s, min_gain=PERIODIC_MIN_GAIN)
+            threading.Thread(target=self._rebalance, args=(app, rebalance_interval_s, o), name="rebalance",
+                             daemon=True).start()
 
-    def _rebalance(self, app: str, every_s: float, redundant: int | None, min_copies: int) -> None:
+    def _rebalance(self, app: str, every_s: float, options: dict) -> None:
         from cluster.rebalance import RebalanceOptions, rebalance_loop
 
-        rebalance_loop(app, RebalanceOptions(redundant_experts=redundant, min_copies=min_copies, window_s=every_s,
-                                             min_gain=PERIODIC_MIN_GAIN), every_s, self._stop)
+        rebalance_loop(app, RebalanceOptions(**options), every_s, self._stop)
 
     def __del__(self):
         self._stop.set()

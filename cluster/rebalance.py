@@ -68,7 +68,7 @@ def current_placement(snapshot: dict) -> tuple[int, list[list[tuple[int, int]]],
 def rebalance(app: str, o: RebalanceOptions) -> dict:
     """Plan and (unless o.dry_run) apply a balanced placement; returns what it did:
     {"version", "switched", "imbalance_before", "imbalance_after" (predicted on the window's tokens),
-    "pairs_moved", "seconds", "shards", "standby"}."""
+    "pairs_moved", "standby_loaded" (standby copies a replica lacked), "seconds", "shards", "standby"}."""
     # Imported here, not at the top: the CLI reads RebalanceOptions for --help without loading Ray and Serve.
     from cluster.autoscaling import log_decision
     from cluster.directory import DirectoryClient
@@ -98,21 +98,23 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     before = imbalance(shard_loads(load, shards, capacity))
     after = imbalance(shard_loads(load, new, capacity))
     moved = sum(len(set(n) - set(o_)) for n, o_ in zip(new, shards, strict=True))
+    spares = sum(len(set(n) - set(o_) - set(s)) for n, o_, s in zip(new_standby, standby, shards, strict=True))
     held = Counter(p for pairs in shards for p in pairs)
     # Below min_copies, or a pair of one replica without a standby (a scale-down, a lost replica): switch whatever
     # the gain.
     short = (min(held.values(), default=0) < min(o.min_copies, G)
-             or uncovered(shards, standby, capacity) > uncovered(new, new_standby, capacity))
+             or (o.standby and uncovered(shards, standby, capacity) > uncovered(new, new_standby, capacity)))
     result = {"version": version, "switched": False, "imbalance_before": before, "imbalance_after": after,
-              "pairs_moved": moved, "seconds": 0.0, "shards": [[list(p) for p in s] for s in new],
+              "pairs_moved": moved, "standby_loaded": spares, "seconds": 0.0,
+              "shards": [[list(p) for p in s] for s in new],
               "standby": [[list(p) for p in s] for s in new_standby]}
     same = moved == 0 and all(set(a) == set(b) for a, b in zip(new_standby, standby, strict=True))
     if o.dry_run or same or (before - after < o.min_gain and not short):
         return result
     target, seconds = switch_placement(app, result["shards"], o.timeout_s, result["standby"])
     result.update(version=target, switched=True, seconds=seconds)
-    log_decision(app, "rebalance", f"placement v{target}: {moved} pairs moved, predicted imbalance {before:.2f} -> "
-                                   f"{after:.2f}, replicas ready in {seconds:.1f}s")
+    log_decision(app, "rebalance", f"placement v{target}: {moved} pairs moved, {spares} standby copies loaded, "
+                                   f"predicted imbalance {before:.2f} -> {after:.2f}, replicas ready in {seconds:.1f}s")
     return result
 
 
@@ -209,7 +211,8 @@ def format_result(r: dict) -> str:
     head = (f"placement v{r['version']}: switched in {r['seconds']:.1f}s" if r["switched"]
             else "placement unchanged (dry run, or nothing to gain)")
     lines = [head, f"predicted per-replica imbalance (max - mean) / mean: {r['imbalance_before']:.2f} -> "
-                   f"{r['imbalance_after']:.2f}; {r['pairs_moved']} (shard, pair) copies new"]
+                   f"{r['imbalance_after']:.2f}; {r['pairs_moved']} (shard, pair) copies new, "
+                   f"{r['standby_loaded']} standby copies new"]
     for s, pairs in enumerate(r["shards"]):
         spare = f"  (standby {describe_pairs(r['standby'][s])})" if r["standby"][s] else ""
         lines.append(f"  shard {s}: {describe_pairs(pairs)}{spare}")

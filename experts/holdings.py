@@ -1,8 +1,10 @@
 """Which (layer, expert) pairs one replica holds, kept in step with its app's placement as it changes.
 
 The registry gives the app's placement: the active record routers follow and, during a rebalance, a
-target. A record is {"version", "plan_id", "shards": [pairs of shard 0, ...]}; one whose plan_id is not
-the deployed plan's (left from an earlier deployment) is ignored, and version 0 is the deployed plan.
+target. A record is {"version", "plan_id", "shards": [pairs of shard 0, ...], "standby": [standby pairs of
+shard 0, ...]} (a replica loads its standby pairs too; routers send them only while their holders are down); one
+whose plan_id is not the deployed plan's (left from an earlier deployment) is ignored, and version 0 is the deployed
+plan.
 A replica loads a target's pairs beside what it serves and lists the version as ready, so that the
 rebalancer can switch routers only once every replica can take the new placement; pairs no placement
 wants any more are dropped DRAIN_VIEW_S after, when no router still on the old view sends them.

@@ -73,6 +73,9 @@ class ExpertPlaneConfig:
     min_copies: int = field(default=1, metadata={
         "help": "rebalancing: shards holding every (layer, expert) at least (2: routers send the pairs of a shard "
                 "whose replicas are all gone to their other holders, so a shard of one replica may fail)"})
+    standby: bool = field(default=True, metadata={
+        "help": "rebalancing: give every pair that one replica serves a standby copy on another shard, which routers "
+                "use only while the pair's holders are all down (memory, for a replica loss that stops no pair)"})
     max_message_bytes: int = field(default=64 << 20, metadata={
         "help": "largest gRPC message between router and replica (2048 tokens of dim 4096 in float32: 32 MiB)"})
     call_timeout_s: float = field(default=10.0, metadata={"help": "deadline of each router-to-replica call"})

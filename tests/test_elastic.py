@@ -552,7 +552,6 @@ def test_periodic_rebalance_follows_the_load(ray_session, ckpt, local):
                    for l in range(llm.args.n_layers))  # the hot experts no longer both on shard 0 alone
         pairs = sorted((l, e) for l in range(llm.args.n_layers) for e in range(4))
         assert all(sorted(map(tuple, sh["pairs"] + sh["standby"])) == pairs for sh in s["shards"])
-        assert not set(map(tuple, s["shards"][0]["standby"])) & set(map(tuple, s["shards"][1]["standby"]))
         want = [o.outputs[0].token_ids for o in local.generate(PROMPTS, GREEDY)]
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
         backend = llm.experts.backend

@@ -31,3 +31,19 @@ def test_list_flags_take_several_values_or_none():
 
     args = build_parser().parse_args(["bench", "engine", "--long-tokens", "--batch-sizes", "1", "8"])
     assert args.long_tokens == [] and args.batch_sizes == [1, 8]
+
+
+def test_cores_busy_counts_the_core_a_busy_loop_takes():
+    import os
+    import time
+
+    from bench.harness import cores_busy
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    # Whatever else runs beside it (so no "sleeping < spinning"): at least this process's core, at most them all.
+    assert 0.7 <= cores_busy(lambda: spin(0.5)) <= os.cpu_count() + 0.1
+    assert 0.0 <= cores_busy(lambda: time.sleep(0.5)) <= os.cpu_count() + 0.1
