@@ -42,6 +42,22 @@ def gemv_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
     return w.numel() * 4 / best_of(lambda: x @ w, repeats)
 
 
+def expert_matmul_bandwidth(cfg, rows: int, n_experts: int = 32, repeats: int = 3) -> float:
+    """Bytes/s the engine's own expert kernel (experts.ffn.swiglu on input-major weights) streams weights at with
+    `rows` tokens an expert, over n_experts experts' weights, far larger than the caches: the rate a decode step's
+    expert math can reach on this machine, which small-row matmuls keep below the vector-matrix probe's."""
+    from experts.ffn import swiglu
+
+    d, inter = cfg.hidden_size, cfg.intermediate_size
+    w13, w2 = torch.randn(n_experts, d, 2 * inter), torch.randn(n_experts, inter, d)
+    x = torch.randn(rows, d)
+
+    def run() -> None:
+        for e in range(n_experts):
+            swiglu(x, w13[e], w2[e])
+    return (w13.numel() + w2.numel()) * 4 / best_of(run, repeats)
+
+
 def weight_bytes_per_step(cfg, batch: int) -> float:
     """float32 weight bytes one decode step of `batch` sequences reads: every dense matrix, the LM head, and
     the experts its tokens touch. With routing spread over the experts, a layer touches
@@ -146,6 +162,16 @@ def run(o: EngineBenchOptions) -> None:
                   f"{weight_bytes_per_step(hf.config, b) / 2**20:.0f} MiB read a step); raymoe "
                   f"{ours_tps[b]:>6.0f} = {ours_tps[b] / roof:.0%}, transformers {ref_tps[b]:>6.0f} = "
                   f"{ref_tps[b] / roof:.0%} of it")
+        cfg = hf.config
+        print("the expert kernel (swiglu, input-major weights) on this machine, at the rows an expert gets a step:")
+        for b in o.batch_sizes:
+            E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+            rows = max(1, round(b * k / (E * (1 - (1 - k / E) ** b))))  # slots over the experts touched
+            rate = expert_matmul_bandwidth(cfg, rows)
+            kernel_roof, _ = roof_tokens_per_s(cfg, b, rate, peak)
+            print(f"decode b={b:<3} {rows:>2} rows an expert: {rate / 1e9:5.1f} GB/s ({rate / bandwidth:.0%} of the "
+                  f"probe's); roof at that rate {kernel_roof:>6.0f} tok/s, raymoe {ours_tps[b] / kernel_roof:.0%} "
+                  "of it")
         llm.shutdown()
     if o.long_tokens:
         long_generation(o.long_tokens)

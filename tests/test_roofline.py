@@ -47,3 +47,11 @@ def test_cores_busy_counts_the_core_a_busy_loop_takes():
     # Whatever else runs beside it (so no "sleeping < spinning"): at least this process's core, at most them all.
     assert 0.7 <= cores_busy(lambda: spin(0.5)) <= os.cpu_count() + 0.1
     assert 0.0 <= cores_busy(lambda: time.sleep(0.5)) <= os.cpu_count() + 0.1
+
+
+def test_the_expert_kernel_rate_is_measured_on_the_configs_shapes():
+    from bench.engine import expert_matmul_bandwidth
+
+    cfg = MixtralConfig(**{**BENCH_CONFIG, "hidden_size": 64, "intermediate_size": 128})
+    rate = expert_matmul_bandwidth(cfg, rows=2, n_experts=4, repeats=1)
+    assert 1e6 < rate < 1e13  # bytes/s of 4 experts' 3 * 64 * 128 float32 weights: some, and finite
