@@ -121,7 +121,8 @@ def test_default_cpu_share_fits_the_cluster_or_fails_at_once(ray_session, ckpt):
     assert 0.05 <= share <= min(1.0, free / 20)
     assert fit_cpus(1) == 1.0
     app = build_expert_plane(str(ckpt[0]), "float32", ExpertPlaneConfig(num_shards=4, replicas_per_shard=5))
-    assert {d._bound_deployment.ray_actor_options["num_cpus"] for d in app._bound_deployment.init_args[3:]} == {share}
+    shards = [d for d in app._bound_deployment.init_args if hasattr(d, "_bound_deployment")]
+    assert {d._bound_deployment.ray_actor_options["num_cpus"] for d in shards} == {share}
     t = time.monotonic()
     with pytest.raises(ValueError, match="do not fit .* pass fewer --num-shards/--replicas-per-shard, an explicit "
                                          "--expert-num-cpus"):
@@ -134,7 +135,7 @@ def test_gpus_reach_the_replica_actor_options(ckpt):
                                                                   num_gpus=0.5), token="t")
     plane = app._bound_deployment
     assert "Expert" in plane.name
-    shards = [a._bound_deployment for a in plane.init_args[3:]]
+    shards = [a._bound_deployment for a in plane.init_args if hasattr(a, "_bound_deployment")]
     assert [d.name for d in shards] == ["ExpertShard-0", "ExpertShard-1"]
     assert all(d.ray_actor_options["num_gpus"] == 0.5 and d.num_replicas == 3 for d in shards)
 
