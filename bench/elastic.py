@@ -5,11 +5,15 @@ whose two experts are drawn Zipf-skewed over the layer's experts, with random hi
 bundled model's experts deployed as `raymoe serve` deploys them (declaratively, one shard per expert).
 Three phases of steady load, with two changes between them: first the hottest shard gets as many
 replicas as its share of the load calls for (`raymoe scale`, the lightweight path), then a rebalance
-re-places the hot (layer, expert) pairs with redundant copies (`raymoe rebalance`, live).
+re-places the hot (layer, expert) pairs with redundant copies (`raymoe rebalance`, live). Then the only replica
+of a shard is killed twice: once with the re-placement's standby copies of its pairs on other shards, once after
+a rebalance without them (the baseline), each time until Serve's replacement serves.
 
 Reported, in one run: seconds from the scaling decision to the new replicas serving tokens; per-replica
 imbalance (max - mean) / mean of the tokens each replica ran in each phase; the longest step during each
-change against the median step of the steady phase before it; failed steps.
+change against the median step of the steady phase before it; failed steps; for each kill, how long steps stalled
+(from the start of the first step that found the replica gone to the end of the first step after it that ran) and
+the steps that failed meanwhile (a router's engine would run them again).
 """
 
 import json
@@ -100,6 +104,35 @@ def run(o: ElasticBenchOptions) -> None:
     def longest(start: float, end: float) -> float:
         return 1e3 * max(d for t, d in steps if start <= t < end)
 
+    def kill_only_replica(spare: bool) -> dict:
+        """Kill the only replica of a shard (the coldest such); step until Serve's replacement has run tokens."""
+        import ray
+
+        from cluster.directory import DirectoryClient
+
+        entries = [e for e in DirectoryClient(app).replicas() if e.get("state") == "serving"]
+        alone = [e for e in entries if sum(x["shard"] == e["shard"] for x in entries) == 1]
+        victim = alone[-1]
+        failed0, before = failed, {r.replica_id for rs in backend.view.values() for r in rs}
+        kill_at = time.monotonic()
+        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+        noticed = ran_at = None  # the start of the first step that found it gone; the end of the first that ran
+        while True:
+            n, t = failed, time.monotonic()
+            step()
+            if noticed is None and (failed > n or victim["replica_id"] in backend.suspect):
+                noticed = t
+            if noticed is not None and ran_at is None and failed == n:
+                ran_at = time.monotonic()
+            new = [r for r in backend.view.get(victim["shard"], []) if r.replica_id not in before]
+            if ran_at is not None and any(backend.rows_sent.get(r.replica_id) for r in new):
+                break
+            if time.monotonic() - kill_at > 120:
+                raise TimeoutError("the killed replica was not replaced within 120 s")
+        return {"standby": spare, "shard": victim["shard"], "stall_s": ran_at - noticed,
+                "longest_step_ms": longest(kill_at, time.monotonic()), "failed_steps": failed - failed0,
+                "replaced_after_s": time.monotonic() - kill_at}
+
     try:
         for _ in range(5):  # warm-up: channels, pages
             step()
@@ -141,6 +174,15 @@ def run(o: ElasticBenchOptions) -> None:
         replace_end = time.monotonic()
         r = box["result"]
         loads_replaced = phase(o.phase_s)
+        # 3. A shard's only replica dies: with the standby copies the re-placement gave its pairs, then without.
+        kills = {}
+        for spare in (True, False):
+            if not spare:
+                v = rebalance(app, RebalanceOptions(window_s=o.phase_s, standby=False))["version"]
+                while backend.routing.version < v:
+                    step()
+            kills["standby" if spare else "no standby"] = kill_only_replica(spare)
+        failed_outside_kills = failed - sum(k["failed_steps"] for k in kills.values())
         steady = [d for t, d in steps if t0 <= t < steady_end]
         scaled = [d for t, d in steps if scale_end <= t < replace_at]
         result = {
@@ -155,7 +197,7 @@ def run(o: ElasticBenchOptions) -> None:
             "scaled_step_ms_p50": 1e3 * percentile(scaled, 50),
             "longest_step_ms_during_scale": longest(scale_at, scale_end),
             "longest_step_ms_during_replacement": longest(replace_at, replace_end),
-            "failed_steps": failed, "steps": len(steps),
+            "failed_steps": failed_outside_kills, "steps": len(steps), "kills": kills,
             "series": {"t": [t - t0 for t, _ in steps], "step_ms": [1e3 * d for _, d in steps]},
             "scale_at_s": scale_at - t0, "serving_at_s": serving_at - t0,
             "replace_at_s": replace_at - t0, "switched_at_s": box["switched_at"] - t0,
@@ -178,7 +220,12 @@ def run(o: ElasticBenchOptions) -> None:
     print(f"per-replica imbalance (max - mean) / mean: {result['imbalance_before']:.2f} at first, "
           f"{result['imbalance_after_scale']:.2f} after scale-out, {result['imbalance_after_replacement']:.2f} after "
           f"re-placement (predicted {r['imbalance_before']:.2f} -> {r['imbalance_after']:.2f})")
-    print(f"failed steps: {failed} of {len(steps)}; {o.out}, {o.out.with_suffix('.png')}")
+    for name, k in result["kills"].items():
+        print(f"only replica of shard {k['shard']} killed, {name}: steps stalled {k['stall_s']:.2f} s (longest "
+              f"{k['longest_step_ms']:.0f} ms, {k['failed_steps']} failed and to be run again) until Serve's "
+              f"replacement served {k['replaced_after_s']:.1f} s after the kill")
+    print(f"failed steps outside the kills: {result['failed_steps']} of {len(steps)}; {o.out}, "
+          f"{o.out.with_suffix('.png')}")
 
 
 def plot(r: dict, path: Path) -> None:
