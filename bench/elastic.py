@@ -50,10 +50,11 @@ def zipf_choices(rng: np.random.Generator, n: int, n_experts: int, s: float, ord
 def run(o: ElasticBenchOptions) -> None:
     from checkpoint.reader import Checkpoint
     from cluster.deploy import deploy, free_port, scale_shard
+    from cluster.directory import DirectoryClient
     from cluster.eplb import imbalance
     from cluster.expert_plane import connect_experts
     from cluster.ray_init import remove_apps, start_or_join_ray, start_serve
-    from cluster.rebalance import RebalanceOptions, rebalance
+    from cluster.rebalance import RebalanceOptions, current_placement, rebalance, switch_placement
     from cluster.serve_config import serve_config
     from cluster.status import plane_status
     from experts.holdings import DRAIN_VIEW_S
@@ -105,13 +106,13 @@ def run(o: ElasticBenchOptions) -> None:
         return 1e3 * max(d for t, d in steps if start <= t < end)
 
     def kill_only_replica(spare: bool) -> dict:
-        """Kill the only replica of a shard (the coldest such); step until Serve's replacement has run tokens."""
+        """Kill the only replica of a shard (the last such listed); step until Serve's replacement has run tokens."""
         import ray
-
-        from cluster.directory import DirectoryClient
 
         entries = [e for e in DirectoryClient(app).replicas() if e.get("state") == "serving"]
         alone = [e for e in entries if sum(x["shard"] == e["shard"] for x in entries) == 1]
+        if not alone:
+            raise RuntimeError("every shard has several replicas: none to kill alone")
         victim = alone[-1]
         failed0, before = failed, {r.replica_id for rs in backend.view.values() for r in rs}
         kill_at = time.monotonic()
@@ -177,8 +178,9 @@ def run(o: ElasticBenchOptions) -> None:
         # 3. A shard's only replica dies: with the standby copies the re-placement gave its pairs, then without.
         kills = {}
         for spare in (True, False):
-            if not spare:
-                v = rebalance(app, RebalanceOptions(window_s=o.phase_s, standby=False))["version"]
+            if not spare:  # the same pairs, without standby copies
+                _, shards, _, _ = current_placement(DirectoryClient(app).snapshot())
+                v, _ = switch_placement(app, [[list(p) for p in pairs] for pairs in shards])
                 while backend.routing.version < v:
                     step()
             kills["standby" if spare else "no standby"] = kill_only_replica(spare)
