@@ -58,15 +58,20 @@ def expert_matmul_bandwidth(cfg, rows: int, n_experts: int = 32, repeats: int = 
     return (w13.numel() + w2.numel()) * 4 / best_of(run, repeats)
 
 
+def experts_touched(cfg, batch: int) -> float:
+    """Experts of a layer a decode step of `batch` tokens touches, in expectation, with routing spread over them:
+    E * (1 - (1 - k / E) ** batch) (k = 2: 2 at batch 1, 7.2 of 8 at batch 8)."""
+    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    return E * (1 - (1 - k / E) ** batch)
+
+
 def weight_bytes_per_step(cfg, batch: int) -> float:
     """float32 weight bytes one decode step of `batch` sequences reads: every dense matrix, the LM head, and
-    the experts its tokens touch. With routing spread over the experts, a layer touches
-    E * (1 - (1 - k / E) ** batch) of them in expectation (k = 2: 2 at batch 1, 7.2 of 8 at batch 8)."""
+    the experts its tokens touch (experts_touched)."""
     d, hd = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
-    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    E = cfg.num_local_experts
     attn = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    touched = E * (1 - (1 - k / E) ** batch)
-    per_layer = attn + d * E + touched * 3 * d * cfg.intermediate_size
+    per_layer = attn + d * E + experts_touched(cfg, batch) * 3 * d * cfg.intermediate_size
     return 4 * (cfg.num_hidden_layers * per_layer + d * cfg.vocab_size)
 
 
@@ -165,8 +170,7 @@ def run(o: EngineBenchOptions) -> None:
         cfg = hf.config
         print("the expert kernel (swiglu, input-major weights) on this machine, at the rows an expert gets a step:")
         for b in o.batch_sizes:
-            E, k = cfg.num_local_experts, cfg.num_experts_per_tok
-            rows = max(1, round(b * k / (E * (1 - (1 - k / E) ** b))))  # slots over the experts touched
+            rows = max(1, round(b * cfg.num_experts_per_tok / experts_touched(cfg, b)))
             rate = expert_matmul_bandwidth(cfg, rows)
             kernel_roof, _ = roof_tokens_per_s(cfg, b, rate, peak)
             print(f"decode b={b:<3} {rows:>2} rows an expert: {rate / 1e9:5.1f} GB/s ({rate / bandwidth:.0%} of the "

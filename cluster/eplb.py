@@ -40,14 +40,13 @@ def replicate(load: np.ndarray, copies: int, max_copies: int, min_copies: int = 
 
 
 def pack(load: np.ndarray, count: np.ndarray, capacity: np.ndarray, slots: int, total: np.ndarray,
-         now: list[set[int]] | None = None) -> tuple[list[tuple[int, int]], np.ndarray]:
+         now: list[set[int]] | None = None, slack: float = 0.0) -> tuple[list[tuple[int, int]], np.ndarray]:
     """One layer's copies (count (E,) of each expert, load (E,) split evenly over them) onto G shards of
     `slots` each, heaviest first, each to the shard with the least load per replica after it, counting the
     layers placed before (`total`, (G,)); ties to the lowest index. With `now` (per shard, the experts of this
-    layer it holds now), a shard holding the expert wins when its load after is within STICKY of the layer's mean
-    load per replica of the least -> ([(shard, expert)], (G,) this layer's load per replica)."""
+    layer it holds now), a shard holding the expert wins when its load after is within `slack` of the least
+    -> ([(shard, expert)], (G,) this layer's load per replica)."""
     G, E = len(capacity), len(load)
-    slack = STICKY * load.sum() / capacity.sum() if now is not None else 0.0
     items = sorted(((load[e] / count[e], e) for e in range(E) for _ in range(count[e])), key=lambda it: (-it[0], it[1]))
     here = np.zeros(G)
     free = np.full(G, slots)
@@ -82,7 +81,8 @@ def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer:
     `max_tries` copy counts from E * min(min_copies, G) to copies_per_layer are packed and, of those keeping every
     pair's minimum, the one with the lowest peak load per replica is kept (ties: fewer copies): when shards have
     different replica counts, fewer, heavier copies can fill a bigger shard where many even ones cannot. With
-    `current` (the placement now, G lists of pairs), copies lean toward the shards holding them now (pack's STICKY).
+    `current` (the placement now, G lists of pairs), copies lean toward the shards holding them now (within STICKY
+    of a layer's mean load per replica).
 
     Example: one layer, load [60, 30, 10], two shards of one replica, 4 copies (2 slots each). 3 copies:
     60 -> shard 0; 30 and 10 -> shard 1: peak 60. 4 copies (expert 0 twice, 30 each): 30 -> 0, 30 -> 1,
@@ -109,7 +109,7 @@ def balanced_placement(load: np.ndarray, capacity: np.ndarray, copies_per_layer:
         tried = []
         for copies in tries:
             out, here = pack(load[layer], replicate(load[layer], int(copies), G, low // E), capacity, slots, total,
-                             now)
+                             now, slack)
             short = np.bincount([e for _, e in out], minlength=E).min() < low // E  # packing dropped a needed copy
             moves = 0 if now is None else sum(e not in now[g] for g, e in out)
             tried.append((short, here.max(), (total + here).max(), moves, out, here))
@@ -140,22 +140,28 @@ def standby_copies(shards: list[list[Pair]], capacity: np.ndarray) -> list[list[
     standby: list[list[Pair]] = [[] for _ in range(G)]
     if G < 2:
         return standby
-    holders: dict[Pair, list[int]] = {}
     per_layer: dict[tuple[int, int], int] = {}  # (shard, layer) -> pairs held or on standby
     total = [len(pairs) for pairs in shards]
     for g, pairs in enumerate(shards):
         for p in pairs:
-            holders.setdefault(tuple(p), []).append(g)
             per_layer[g, p[0]] = per_layer.get((g, p[0]), 0) + 1
-    for p, gs in sorted(holders.items()):
-        if sum(capacity[g] for g in gs) >= 2:
-            continue
-        g = min((g for g in range(G) if g not in gs),
+    for p, g0 in single_replica_pairs(shards, capacity).items():
+        g = min((g for g in range(G) if g != g0),
                 key=lambda g: (per_layer.get((g, p[0]), 0), total[g], -capacity[g], g))
         standby[g].append(p)
         per_layer[g, p[0]] = per_layer.get((g, p[0]), 0) + 1
         total[g] += 1
     return standby
+
+
+def single_replica_pairs(shards: list[list[Pair]], capacity: np.ndarray) -> dict[Pair, int]:
+    """The pairs one replica serves (held by one shard, of one replica) -> that shard, in pair order: those that
+    losing a single replica leaves without a holder."""
+    holders: dict[Pair, list[int]] = {}
+    for g, pairs in enumerate(shards):
+        for p in pairs:
+            holders.setdefault(tuple(p), []).append(g)
+    return {p: gs[0] for p, gs in sorted(holders.items()) if sum(capacity[g] for g in gs) < 2}
 
 
 def shard_loads(load: np.ndarray, shards: list[list[Pair]], capacity: np.ndarray) -> np.ndarray:

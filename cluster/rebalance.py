@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cluster.eplb import balanced_placement, imbalance, shard_loads, standby_copies
+from cluster.eplb import balanced_placement, imbalance, shard_loads, single_replica_pairs, standby_copies
 from cluster.placement import PlacementPlan
 from router.grpc_dispatch import placement_in_force
 
@@ -120,12 +120,8 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
 
 def uncovered(shards: list[list], standby: list[list], capacity: np.ndarray) -> int:
     """Pairs that losing one replica would leave nowhere to go: served by a single replica, with no standby."""
-    replicas = Counter()
-    for g, pairs in enumerate(shards):
-        for p in pairs:
-            replicas[tuple(p)] += capacity[g]
     spare = {tuple(p) for pairs in standby for p in pairs}
-    return sum(n < 2 and p not in spare for p, n in replicas.items())
+    return sum(p not in spare for p in single_replica_pairs(shards, capacity))
 
 
 def serving_counts(snapshot: dict) -> dict[int, int]:

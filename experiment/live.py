@@ -508,17 +508,16 @@ def settled_imbalance(per_replica: list[tuple[float, dict[str, int]]], since: fl
     95 and 80, so a ran 220 / 175 = 1.26 of the mean, b 1.03 (c left out with min_s 2): imbalance
     (1.26 - 1.14) / 1.14 = 0.1. Had a and b run 100 each, then a, b and c 200 each, every replica ran the mean: 0.
     """
-    mean: dict[float, float] = {}
     ran: dict[str, float] = {}
     expected: dict[str, float] = {}
     seconds: dict[str, int] = {}
     for t, counts in per_replica:
         if t < since or not counts:
             continue
-        mean[t] = sum(counts.values()) / len(counts)
+        mean = sum(counts.values()) / len(counts)
         for rid, n in counts.items():
             ran[rid] = ran.get(rid, 0) + n
-            expected[rid] = expected.get(rid, 0.0) + mean[t]
+            expected[rid] = expected.get(rid, 0.0) + mean
             seconds[rid] = seconds.get(rid, 0) + 1
     rel = [ran[rid] / expected[rid] for rid in ran if seconds[rid] >= min_s and expected[rid] > 0]
     return imbalance(rel) if len(rel) > 1 else None

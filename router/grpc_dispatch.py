@@ -153,24 +153,24 @@ def holder_table(entries: list[dict], n_layers: int, n_experts: int) -> tuple[np
     if missing:
         raise ExpertDispatchError(f"no replica holds (layer, expert) {missing[:4]}: the plan does not cover "
                                   "this model")
-    H = max(len(s) for s in holders.values())
-    table = np.full((n_layers, n_experts, H), -1, dtype=np.int64)
-    count = np.zeros((n_layers, n_experts), dtype=np.int64)
-    for (l, x), shards in holders.items():
-        table[l, x, : len(shards)] = sorted(shards)
-        count[l, x] = len(shards)
-    return table, count
+    table = shard_table(holders, n_layers, n_experts)
+    return table, (table >= 0).sum(axis=2)
 
 
 def standby_table(standby: dict[int, list], n_layers: int, n_experts: int) -> np.ndarray:
     """shard -> its standby pairs -> (L, E, S) the shards keeping each (layer, expert) on standby, padded with -1."""
-    keep: dict[tuple[int, int], list[int]] = {}
+    keep: dict[tuple[int, int], set[int]] = {}
     for shard, pairs in standby.items():
         for l, x in pairs:
             if 0 <= l < n_layers and 0 <= x < n_experts:
-                keep.setdefault((l, x), []).append(shard)
-    table = np.full((n_layers, n_experts, max((len(s) for s in keep.values()), default=1)), -1, dtype=np.int64)
-    for (l, x), shards in keep.items():
+                keep.setdefault((l, x), set()).add(shard)
+    return shard_table(keep, n_layers, n_experts)
+
+
+def shard_table(shards_of: dict[tuple[int, int], set[int]], n_layers: int, n_experts: int) -> np.ndarray:
+    """(layer, expert) -> shards -> (L, E, W) their ids ascending, padded with -1 to the most any pair has (W >= 1)."""
+    table = np.full((n_layers, n_experts, max(map(len, shards_of.values()), default=1)), -1, dtype=np.int64)
+    for (l, x), shards in shards_of.items():
         table[l, x, : len(shards)] = sorted(shards)
     return table
 
