@@ -4,8 +4,8 @@ Entries are keyed by Serve application name, so two expert planes in one Ray clu
 Snapshots travel as msgpack (compact records, no tensors).
 
 It takes churn: Ray restarts the actor if its process dies, and a client whose actor is gone for good
-looks it up (or creates it) again. Either way it starts empty and refills within a health-check period,
-since every replica re-registers on each of Serve's health checks; entries not renewed within
+looks it up (or creates it) again. Either way it starts empty and refills within REGISTER_EVERY_S of experts.replica,
+since every replica re-registers every few seconds from Serve's health checks; entries not renewed within
 ENTRY_TTL_S (a replica that died without deregistering) are dropped. A router's failure report makes a
 replica suspect, not dead: the directory asks the replica's gRPC health service and keeps it if it answers.
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "raymoe"
 DIRECTORY_NAME = "raymoe-directory"
-ENTRY_TTL_S = 30.0  # six of the replicas' 5 s health checks
+ENTRY_TTL_S = 30.0  # six of the replicas' re-registrations (experts.replica.REGISTER_EVERY_S)
 PROBE_TIMEOUT_S = 2.0
 CALL_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 120.0  # a new directory actor's process start, on a node that may be busy

@@ -153,6 +153,7 @@ class Recorder:
         self.t0, self.n_shards = t0, n_shards
         self.arrived: dict[int, float] = {}
         self.last: dict[int, float] = {}
+        self.first: dict[int, float] = {}  # time of each request's first token
         self.ttft: list[float] = []
         self.itl: list[tuple[float, float]] = []  # (time, latency) of every token after a request's first
         self.done_tokens: list[float] = []  # completion time of every token
@@ -167,6 +168,7 @@ class Recorder:
             self.itl.append((now, now - self.last[rid]))
         else:
             self.ttft.append(now - self.arrived[rid])
+            self.first[rid] = now
         self.last[rid] = now
         self.done_tokens.append(now)
 
@@ -482,19 +484,38 @@ def backlog(rec: Recorder, t: float, tokens_per_request: int) -> int:
     return demanded - int(np.searchsorted(rec.done_tokens, t, side="right"))
 
 
-def throughput_lost(rec: Recorder, at: float, r: LiveRun, before_s: float = 10.0) -> float:
-    """The share of the tokens asked for in the minute around `at` (within the run) that the kill cost: the
-    backlog at the minute's end beyond the backlog's usual level (its mean over the before_s seconds before the
-    kill). Tokens merely delayed and caught up within the minute are not lost; requests still in flight when the
-    minute ends are the usual backlog, not a loss."""
+def kept_pace_backlog(rec: Recorder, t: float, tokens_per_request: int, ttft: float, itl: float) -> int:
+    """Tokens asked for by requests arrived by monotonic time t that a plane keeping a steady pace (a request's
+    first token ttft after its arrival, one more every itl) would not have produced by then."""
+    owed = 0
+    for a in rec.arrived.values():
+        if a <= t:
+            made = 0 if t < a + ttft else min(tokens_per_request, 1 + int((t - a - ttft) / itl))
+            owed += tokens_per_request - made
+    return owed
+
+
+def throughput_lost(rec: Recorder, at: float, r: LiveRun, before_s: float = 10.0, end_s: float = 5.0) -> float:
+    """The share of the tokens asked for in the minute around `at` (within the run) that the kill cost: how far
+    the backlog over the minute's last end_s seconds exceeds the backlog the plane would have carried at the
+    pace it kept over the before_s seconds before the kill (mean TTFT and inter-token latency), for the same
+    arrivals. Tokens merely delayed and caught up within the minute are not lost; requests still in flight when
+    the minute ends are not a loss either, however many arrived just then (a clump of Poisson arrivals at the
+    end would otherwise read as one)."""
     lo = rec.t0 + max(0.0, at - 30)
     hi = min(rec.t0 + at + 30, max(rec.arrived.values(), default=lo))
     demanded = r.tokens_per_request * sum(lo <= a < hi for a in rec.arrived.values())
     if not demanded:
         return 0.0
-    usual = np.mean([backlog(rec, t, r.tokens_per_request)
-                     for t in np.linspace(rec.t0 + max(0.0, at - before_s), rec.t0 + at, 21)])
-    return max(0.0, (backlog(rec, hi, r.tokens_per_request) - usual) / demanded)
+    since = rec.t0 + max(0.0, at - before_s)
+    ttft = [f - rec.arrived[rid] for rid, f in rec.first.items() if since <= f < rec.t0 + at]
+    itl = [lat for t, lat in rec.itl if since <= t < rec.t0 + at]
+    if not ttft or not itl:
+        return 0.0
+    pace = (float(np.mean(ttft)), float(np.mean(itl)))
+    excess = np.mean([backlog(rec, t, r.tokens_per_request) - kept_pace_backlog(rec, t, r.tokens_per_request, *pace)
+                      for t in np.linspace(max(lo, hi - end_s), hi, 11)])
+    return max(0.0, float(excess) / demanded)
 
 
 def settled_imbalance(per_replica: list[tuple[float, dict[str, int]]], since: float, min_s: int = 5) -> float | None:
@@ -528,6 +549,7 @@ def summarize(rec: Recorder, r: LiveRun, log_: list[dict], t0: float, kill: dict
     wall0 = time.time() - (time.monotonic() - t0)
     span = max(rec.done_tokens[-1] - t0, 1e-9) if rec.done_tokens else r.duration_s
     replicas = [sum(v[i] for v in rec.series["replicas"].values()) for i in range(len(rec.series["t"]))]
+    rec.series["backlog"] = [int(backlog(rec, rec.t0 + t, r.tokens_per_request)) for t in rec.series["t"]]
     itl = [lat for _, lat in rec.itl]
     out = {
         "simulated": False,

@@ -48,6 +48,11 @@ class Registry(Protocol):
 
 
 REPORT_EVERY_S = 0.2
+# Serve finds a dead replica only at its next health check, and starts the replacement only then: a short period
+# is most of what a killed replica costs. Re-registering (which heals a directory restart or a router's false
+# alarm) needs no such haste.
+HEALTH_CHECK_PERIOD_S = 1.0
+REGISTER_EVERY_S = 5.0
 DRAIN_MAX_S = 10.0  # within Serve's graceful_shutdown_timeout_s
 # Calls served at once: far above what routers send (one per layer per micro-batch each), far below what
 # would exhaust the replica's memory with queued messages.
@@ -316,7 +321,7 @@ class ReplicaMetrics:
         self.calls_per_batch.set(r.calls_per_batch, tags={"shard": self.shard})
 
 
-@serve.deployment(name="ExpertShard", health_check_period_s=5, health_check_timeout_s=30,
+@serve.deployment(name="ExpertShard", health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=15, graceful_shutdown_wait_loop_s=0.5,
                   ray_actor_options={"num_cpus": 1})
 class ExpertShard:
@@ -378,9 +383,11 @@ class ExpertShard:
             self.servicer.set_experts(experts)
         self.entry.update(fields, bytes_loaded=self.info.bytes_loaded)
         self.registry.register(self.entry)
+        self.registered_at = time.monotonic()
 
     def check_health(self) -> None:
-        """Serve's health check: the gRPC server answers; re-registering heals a router's false alarm."""
+        """Serve's health check: the gRPC server answers; re-registering now and then heals a router's false
+        alarm."""
         try:
             status = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status
         except grpc.RpcError as e:
@@ -389,7 +396,9 @@ class ExpertShard:
             status = health_pb2.HealthCheckResponse.SERVING  # every call slot taken: busy, not broken
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"expert gRPC server at {self.server.address} reports {status}")
-        self.registry.register(self.entry)
+        if time.monotonic() - self.registered_at >= REGISTER_EVERY_S:
+            self.registry.register(self.entry)
+            self.registered_at = time.monotonic()
         self.metrics.publish(self.servicer.load.report())
 
     def record_autoscaling_stats(self) -> dict[str, float]:

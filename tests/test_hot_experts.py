@@ -57,23 +57,27 @@ def test_drift_moves_the_hot_set():
     assert not np.array_equal(w.popularity(9.0, 4, 8), w.popularity(11.0, 4, 8))
 
 
-def _steady_run(stall: tuple[float, float] | None, catch_up: bool):
+def _steady_run(stall: tuple[float, float] | None, catch_up: bool, clump_at: float | None = None):
     """A Recorder of 60 s at 10 requests/s of 4 tokens, each token 0.1 s after the last; during `stall` no token
-    comes out; with catch_up the stalled tokens come out at its end, else those requests never finish."""
+    comes out; with catch_up the stalled tokens come out at its end, else those requests never finish. clump_at:
+    30 more requests arrive at that moment, served at the same pace."""
     from experiment.live import LiveRun, Recorder
 
     r = LiveRun(model="", num_shards=1, budget=1, duration_s=60, rate=10, tokens_per_request=4, max_batch=64,
                 expert_num_cpus=0.1, replace_every_s=10)
     rec = Recorder(1, t0=0.0)
-    for rid in range(600):
-        rec.arrived[rid] = rid / 10
-        times = [rid / 10 + 0.1 * (k + 1) for k in range(4)]
+    arrivals = [rid / 10 for rid in range(600)] + ([clump_at] * 30 if clump_at is not None else [])
+    tokens = []
+    for rid, a in enumerate(arrivals):
+        rec.arrived[rid] = a
+        times = [a + 0.1 * (k + 1) for k in range(4)]
         if stall and any(stall[0] <= t < stall[1] for t in times):
             if not catch_up:
                 continue
             times = [max(t, stall[1]) for t in times]
-        rec.done_tokens.extend(times)
-    rec.done_tokens.sort()
+        tokens += [(t, rid) for t in times]
+    for t, rid in sorted(tokens):
+        rec.token(rid, t)
     return rec, r
 
 
@@ -82,6 +86,8 @@ def test_throughput_lost_counts_what_the_minute_did_not_deliver():
 
     rec, r = _steady_run(None, False)
     assert throughput_lost(rec, 30.0, r) == pytest.approx(0.0, abs=0.002)  # in flight at the end: not a loss
+    rec, r = _steady_run(None, False, clump_at=59.8)
+    assert throughput_lost(rec, 30.0, r) == pytest.approx(0.0, abs=0.002)  # nor a clump of arrivals at the end
     rec, r = _steady_run((30.0, 32.0), True)
     assert throughput_lost(rec, 30.0, r) == pytest.approx(0.0, abs=0.002)  # delayed and caught up
     rec, r = _steady_run((30.0, 32.0), False)
