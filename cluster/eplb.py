@@ -178,3 +178,35 @@ def imbalance(loads: np.ndarray) -> float:
     """(max - mean) / mean: 0 is perfect balance; 1 means the busiest does twice the average."""
     mean = float(np.mean(loads))
     return float((np.max(loads) - mean) / mean) if mean > 0 else 0.0
+
+
+# A load counts as shifted when a chi-square test of homogeneity puts the recent shares this many standard
+# deviations past sampling noise (p < 3e-5: checked every second, a steady load seldom trips it; a moved hot set
+# reads tens of deviations).
+SHIFT_Z = 4.0
+
+
+def load_shifted(before: np.ndarray, recent: np.ndarray, z: float = SHIFT_Z) -> bool:
+    """Whether the experts' shares of the tokens in `recent` (L, E) differ from those in `before` (L, E) by more
+    than sampling noise: a chi-square test of homogeneity of every layer's 2 x E table (before, recent), the
+    statistics and degrees of freedom summed over layers, its tail by the Wilson-Hilferty normal approximation.
+
+    Example: one layer, before [90, 10], recent [10, 90]: expected counts 50 in every cell, chi-square
+    4 * 40**2 / 50 = 128 on 1 degree of freedom, far past z: shifted. Before [50, 50], recent [45, 55]: 0.5,
+    within noise.
+    """
+    before, recent = np.asarray(before, dtype=np.float64), np.asarray(recent, dtype=np.float64)
+    stat, dof = 0.0, 0
+    for b, r in zip(before, recent, strict=True):
+        col = b + r  # (E,)
+        keep = col > 0
+        if b.sum() == 0 or r.sum() == 0 or keep.sum() < 2:
+            continue
+        n = col.sum()
+        expected = np.stack([b.sum() * col[keep] / n, r.sum() * col[keep] / n])  # (2, E')
+        stat += float((((np.stack([b[keep], r[keep]]) - expected) ** 2) / expected).sum())
+        dof += int(keep.sum()) - 1
+    if dof == 0:
+        return False
+    v = 2 / (9 * dof)
+    return ((stat / dof) ** (1 / 3) - (1 - v)) / np.sqrt(v) > z

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cluster.eplb import balanced_placement, imbalance, shard_loads, single_replica_pairs, standby_copies
+from cluster.eplb import balanced_placement, imbalance, load_shifted, shard_loads, single_replica_pairs, standby_copies
 from cluster.placement import PlacementPlan
 from router.grpc_dispatch import placement_in_force
 
 log = logging.getLogger(__name__)
+
+SHIFT_WINDOW_S = 2.0  # the newest load a shift is judged on, and the first re-placement after one balances
 
 
 @dataclass
@@ -131,16 +133,20 @@ def serving_counts(snapshot: dict) -> dict[int, int]:
 
 def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threading.Event, poll_s: float = 0.5,
                    first_s: float | None = None) -> None:
-    """Rebalance every every_s (the first time first_s in, by default every_s), and at once when a shard's count
-    of serving replicas changes: the placement in force spread the load over the old counts, so a shard that lost
-    a replica (the autoscaler's, or a failure) now overloads those left, and one that gained a replica leaves it
-    short of work. Each looks at the load of o.window_s, or of the time since the loop started if that is less.
-    Runs until `stop` is set."""
+    """Rebalance every every_s (the first time first_s in, by default every_s); at once when a shard's count of
+    serving replicas changes: the placement in force spread the load over the old counts, so a shard that lost a
+    replica (the autoscaler's, or a failure) now overloads those left, and one that gained a replica leaves it
+    short of work; and at once when the load shifts: the experts' shares over the last SHIFT_WINDOW_S differ from
+    those before beyond noise (cluster.eplb.load_shifted; a hot set that moved), checked every second. Each looks
+    at the load of o.window_s, or of the time since the loop started or the load last shifted if that is less (a
+    shift's own rebalance at the last SHIFT_WINDOW_S). Runs until `stop` is set."""
     from cluster.directory import DirectoryClient
 
     directory = DirectoryClient(app)
     started = time.monotonic()
+    regime = started  # since when the load has been as it is now
     counts, due = None, started + (every_s if first_s is None else first_s)
+    checked = started
     while not stop.wait(poll_s):
         try:
             now = serving_counts(directory.snapshot())
@@ -149,18 +155,40 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
             continue
         changed = counts is not None and now != counts
         counts = now
-        if not changed and time.monotonic() < due:
-            continue
-        due = time.monotonic() + every_s
+        t = time.monotonic()
+        shifted = False
+        if not changed and t < due:
+            if t - checked < 1.0 or t - regime < 2 * SHIFT_WINDOW_S:
+                continue
+            checked = t
+            shifted = shift_seen(directory, min(o.window_s, t - regime))
+            if not shifted:
+                continue
+            regime = t - SHIFT_WINDOW_S
+        due = t + every_s
+        why = " (replica counts changed)" if changed else " (the load shifted)" if shifted else ""
         try:
-            r = rebalance(app, replace(o, window_s=min(o.window_s, time.monotonic() - started)))
+            r = rebalance(app, replace(o, window_s=min(o.window_s, t - regime)))
             if r["switched"]:
-                log.info("rebalanced to placement v%d%s: predicted imbalance %.2f -> %.2f", r["version"],
-                         " (replica counts changed)" if changed else "", r["imbalance_before"], r["imbalance_after"])
+                log.info("rebalanced to placement v%d%s: predicted imbalance %.2f -> %.2f", r["version"], why,
+                         r["imbalance_before"], r["imbalance_after"])
         except (ValueError, TimeoutError) as e:  # no traffic, or a deployment under way: next round
             log.info("no rebalance: %s", e)
         except Exception:
             log.exception("rebalance failed")
+
+
+def shift_seen(directory, window_s: float) -> bool:
+    """Whether the routers' load over the last SHIFT_WINDOW_S differs from the rest of the last window_s."""
+    try:
+        recent, whole = directory.token_counts(SHIFT_WINDOW_S), directory.token_counts(window_s)
+    except Exception as e:  # the directory may be restarting: no shift seen this time
+        log.info("no shift check: %r", e)
+        return False
+    if recent is None or whole is None:
+        return False
+    recent = np.asarray(recent, dtype=np.float64)
+    return load_shifted(np.asarray(whole, dtype=np.float64) - recent, recent)
 
 
 def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0, standby: list[list] | None = None

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cluster.eplb import balanced_placement, imbalance, replicate, shard_loads, standby_copies
+from cluster.eplb import balanced_placement, imbalance, load_shifted, replicate, shard_loads, standby_copies
 from cluster.placement import PlacementPlan
 from cluster.rebalance import uncovered
 
@@ -135,3 +135,19 @@ def test_a_rebalance_on_fresh_noisy_counts_keeps_most_copies_where_they_are():
             cur = new
     assert moved[True] < 0.7 * moved[False]
     assert np.mean(imbalances[True]) < np.mean(imbalances[False]) + 0.03  # as balanced on the true load
+
+
+def test_a_moved_hot_set_reads_as_a_shift_and_fresh_counts_of_the_same_load_do_not():
+    assert load_shifted([[90, 10]], [[10, 90]]) and not load_shifted([[50, 50]], [[45, 55]])  # the docstring's
+    rng = np.random.default_rng(0)
+    p = 1 / np.arange(1, 9) ** 1.2
+    p /= p.sum()
+
+    def counts(shares: np.ndarray, n: int) -> np.ndarray:  # (L, E) tokens drawn from each layer's shares
+        return np.stack([rng.multinomial(n, s) for s in shares])
+
+    same = [load_shifted(counts([p] * 4, 1200), counts([p] * 4, 300)) for _ in range(200)]
+    moved = [load_shifted(counts([p] * 4, 1200), counts([rng.permutation(p) for _ in range(4)], 300))
+             for _ in range(200)]
+    assert sum(same) <= 1 and all(moved)  # 1: about what 200 tests at p < 3e-5 may give
+    assert not load_shifted(np.zeros((4, 8)), counts([p] * 4, 300))  # nothing before: nothing to differ from
