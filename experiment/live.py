@@ -154,7 +154,6 @@ class Recorder:
         self.arrived: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.first: dict[int, float] = {}  # time of each request's first token
-        self.ttft: list[float] = []
         self.itl: list[tuple[float, float]] = []  # (time, latency) of every token after a request's first
         self.done_tokens: list[float] = []  # completion time of every token
         self.finished: dict[int, float] = {}
@@ -167,10 +166,13 @@ class Recorder:
         if rid in self.last:
             self.itl.append((now, now - self.last[rid]))
         else:
-            self.ttft.append(now - self.arrived[rid])
             self.first[rid] = now
         self.last[rid] = now
         self.done_tokens.append(now)
+
+    @property
+    def ttft(self) -> list[float]:
+        return [f - self.arrived[rid] for rid, f in self.first.items()]
 
 
 class Sampler(threading.Thread):
@@ -551,12 +553,13 @@ def summarize(rec: Recorder, r: LiveRun, log_: list[dict], t0: float, kill: dict
     replicas = [sum(v[i] for v in rec.series["replicas"].values()) for i in range(len(rec.series["t"]))]
     rec.series["backlog"] = [int(backlog(rec, rec.t0 + t, r.tokens_per_request)) for t in rec.series["t"]]
     itl = [lat for _, lat in rec.itl]
+    ttft = rec.ttft
     out = {
         "simulated": False,
         "tokens_per_s": len(rec.done_tokens) / span,
         "p50_ms": 1e3 * percentile(itl, 50) if itl else None, "p99_ms": 1e3 * percentile(itl, 99) if itl else None,
-        "ttft_p50_ms": 1e3 * percentile(rec.ttft, 50) if rec.ttft else None,
-        "ttft_p99_ms": 1e3 * percentile(rec.ttft, 99) if rec.ttft else None,
+        "ttft_p50_ms": 1e3 * percentile(ttft, 50) if ttft else None,
+        "ttft_p99_ms": 1e3 * percentile(ttft, 99) if ttft else None,
         "failed": rec.failed, "requests": len(rec.arrived),
         "replica_seconds": float(sum(replicas)), "avg_replicas": float(np.mean(replicas)) if replicas else 0.0,
         "imbalance_p50": float(np.median(rec.series["imbalance"])) if rec.series["imbalance"] else None,

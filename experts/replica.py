@@ -50,7 +50,7 @@ class Registry(Protocol):
 REPORT_EVERY_S = 0.2
 # Serve finds a dead replica only at its next health check, and starts the replacement only then: a short period
 # is most of what a killed replica costs. Re-registering (which heals a directory restart or a router's false
-# alarm) needs no such haste.
+# alarm) and publishing metrics need no such haste.
 HEALTH_CHECK_PERIOD_S = 1.0
 REGISTER_EVERY_S = 5.0
 DRAIN_MAX_S = 10.0  # within Serve's graceful_shutdown_timeout_s
@@ -396,10 +396,10 @@ class ExpertShard:
             status = health_pb2.HealthCheckResponse.SERVING  # every call slot taken: busy, not broken
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"expert gRPC server at {self.server.address} reports {status}")
-        if time.monotonic() - self.registered_at >= REGISTER_EVERY_S:
+        if time.monotonic() - self.registered_at >= REGISTER_EVERY_S:  # and Prometheus scrapes no faster
             self.registry.register(self.entry)
             self.registered_at = time.monotonic()
-        self.metrics.publish(self.servicer.load.report())
+            self.metrics.publish(self.servicer.load.report())
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What Serve's autoscaler sees of this replica (its request path never carries our traffic)."""
