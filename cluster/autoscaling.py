@@ -177,6 +177,13 @@ def _desired(shard: ShardLoad, target_busy: float, tolerance: float, fair: float
             desired = max(desired, math.ceil(shard.current * growth - _CEIL_EPS), floor)
         elif critical >= fair * (1 - tolerance):
             desired = max(desired, hold)  # as often last as any: one replica fewer would make it the straggler
+        else:
+            # Fewer replicas make it last more often, about in proportion: shrink only as far as it would still end
+            # fewer waits than the band's low edge. Re-placement evens the shards out, so their shares scatter
+            # around the fair one, and a shard a little under the edge that dropped half its replicas would only
+            # read hot and grow back.
+            keep = math.ceil(shard.current * critical / (fair * (1 - tolerance)) - _CEIL_EPS)
+            desired = max(desired, min(keep, hold))
     if requests_waiting:
         desired = max(desired, hold)  # capacity is short somewhere: giving any back now would only add to the wait
     return max(shard.min_replicas, min(shard.max_replicas, desired))
@@ -235,7 +242,9 @@ def decide(
     shard wants ``ceil(current * busy / target_busy)`` replicas, otherwise it holds; a shard above target with
     calls queued wants at least ``current + 1``; a shard without metrics holds. With the routers' critical path
     (``critical``, the shard's share of layer waits, against a fair share of ``1 / len(shards)``): a shard at or
-    above ``fair * (1 - tolerance)`` keeps what it has; while ``requests_waiting``, one above
+    above ``fair * (1 - tolerance)`` keeps what it has, one below it shrinks no further than
+    ``ceil(current * critical / (fair * (1 - tolerance)))`` (where it would reach that edge); while
+    ``requests_waiting``, one above
     ``fair * (1 + tolerance)`` wants ``ceil(current * min(critical / fair, 2))`` and at least one more than it
     has, and no shard shrinks. The result is clamped to ``[min_replicas, max_replicas]``.
 
@@ -388,7 +397,11 @@ class ExpertPlanePolicy:
         self.max_total_replicas = max_total_replicas
         self.tolerance = float(tolerance)
         self.shard_prefix = shard_prefix
-        self._logged: dict[str, int] = {}  # the last decision logged per shard, so a held wish is logged once
+        # Per shard: the target Serve drove at the last tick, and the count this policy asked for since (with why)
+        # until Serve moves its target: the log holds what Serve applied, not each tick's wish, which its
+        # upscale and downscale delays absorb while the wish flickers.
+        self._target: dict[str, int] = {}
+        self._asked: dict[str, tuple[int, str]] = {}
 
     def __call__(
         self, contexts: Mapping[DeploymentID, AutoscalingContext]
@@ -421,14 +434,17 @@ class ExpertPlanePolicy:
         result = decide(loads, self.target_busy, self.max_total_replicas, self.tolerance, waiting)
         fair = 1.0 / max(1, len(loads))
         for name, replicas in result.items():
-            if replicas == loads[name].hold:
-                self._logged.pop(name, None)  # the wish is met or gone: the same one later is a new decision
-            elif self._logged.get(name) != replicas:
-                self._logged[name] = replicas
-                critical = loads[name].critical
+            hold, before = loads[name].hold, self._target.get(name)
+            asked = self._asked.get(name)
+            if asked and before is not None and hold != before and (asked[0] - before) * (hold - before) > 0:
                 log_decision(contexts[ids[name]].app_name or ids[name].app_name, "autoscale",
-                             f"{name}: {loads[name].hold} -> {replicas} replicas (busy {_fmt(observed[name][0])}, "
-                             f"critical share {_fmt(critical)}, waiting {int(waiting)})")
+                             f"{name}: {before} -> {hold} replicas ({asked[1]})")
+            self._target[name] = hold
+            if replicas == hold:
+                self._asked.pop(name, None)
+            else:
+                self._asked[name] = (replicas, f"busy {_fmt(observed[name][0])}, critical share "
+                                               f"{_fmt(loads[name].critical)}, waiting {int(waiting)}")
         decisions: dict[DeploymentID, int] = {}
         state: dict[DeploymentID, dict[str, Any]] = {}
         for name, replicas in result.items():

@@ -120,6 +120,18 @@ def test_a_shard_ending_its_share_of_waits_keeps_its_replicas_though_idle():
     assert decide({n: ShardLoad(3, 1, 8, busy=0.1) for n in ("a", "b")}, 0.6, None) == {"a": 1, "b": 1}
 
 
+def test_a_shard_under_its_share_of_waits_shrinks_only_as_far_as_it_stays_under():
+    # 8 shards (fair 0.125, band edge 0.1), all idle by busy: one just under the edge would end 0.18 of the waits
+    # with one replica, past the band, so it keeps both; one far under sheds one.
+    shards = {f"s{i}": ShardLoad(2, 1, 8, busy=0.1, critical=0.09) for i in range(7)}
+    shards["cold"] = ShardLoad(2, 1, 8, busy=0.1, critical=0.04)
+    assert decide(shards, 0.6, 16) == {**{f"s{i}": 2 for i in range(7)}, "cold": 1}
+    # 4 shards (fair 0.25, edge 0.2): a 4-replica shard ending 0.15 would reach the edge at ceil(4 * 0.15 / 0.2) = 3.
+    four = {"a": ShardLoad(4, 1, 8, busy=0.1, critical=0.15), **{n: ShardLoad(1, 1, 8, busy=0.1, critical=0.28)
+                                                                  for n in ("b", "c", "d")}}
+    assert decide(four, 0.6, None)["a"] == 3
+
+
 def test_critical_shares_need_routers_under_load():
     assert critical_shares([3.0, 1.0], 5.0) == [0.75, 0.25]
     assert critical_shares([0.2, 0.1], 5.0) is None  # waiting 6% of the window: a trickle, not decoding
@@ -389,16 +401,22 @@ def test_wrapped_policy_respects_serve_upscale_delay():
     assert by_name(final) == {"ExpertShard-0": 2}  # Serve holds until the delay has passed
 
 
-def test_a_wish_made_again_after_it_was_dropped_is_logged_again(ray_session):
-    """The decision log says each decision once while it is held, and again when the same one comes back after a
-    time without it (a new run of the hot-experts experiment on the same plane, say): each is its own decision."""
+def test_the_log_holds_the_scalings_serve_applied_not_each_wish(ray_session):
+    """The decision log says what Serve did with the policy's answers: a wish that flickers off before Serve's delay
+    has passed is not a decision (the log would fill with "2 -> 1" that never happened); a target Serve moved the
+    way the policy asked is one, logged once, with the load that asked for it; a target moved by hand is not the
+    policy's."""
     from cluster.autoscaling import decisions
 
-    app = "log-again"
+    app = "log-applied"
     policy = ExpertPlanePolicy(target_busy=0.6)
-    hot = ctx("ExpertShard-0", 2, busy=[0.9, 0.9], app=app)
-    calm = ctx("ExpertShard-0", 2, busy=[0.6, 0.6], app=app)
-    for c in (hot, hot, calm, hot):
-        policy(contexts(c))
+
+    def tick(busy: float, target: int) -> None:
+        policy(contexts(ctx("ExpertShard-0", 2, busy=[busy, busy], target=target, app=app)))
+
+    for busy, target in [(0.1, 2), (0.6, 2), (0.1, 2), (0.6, 2),  # a wish to shrink, flickering: Serve holds
+                         (0.9, 2), (0.9, 2), (0.9, 3), (0.6, 3),  # a wish to grow that Serve applies after a tick
+                         (0.6, 4)]:  # someone scaled the shard by hand: not the policy's decision
+        tick(busy, target)
     logged = [d["detail"] for d in decisions(app) if d["kind"] == "autoscale"]
-    assert len(logged) == 2 and all(d.startswith("ExpertShard-0: 2 -> 3 replicas") for d in logged), logged
+    assert logged == ["ExpertShard-0: 2 -> 3 replicas (busy 0.90, critical share n/a, waiting 0)"], logged
