@@ -137,7 +137,7 @@ def test_replace_balances_the_shards_and_serves_the_load_on_fewer_gpus():
     rebalances = [d for d in out["decisions"] if d["kind"] == "rebalance"]
     assert rebalances and all(d["seconds_to_serving"] == SimCluster().switch_s for d in rebalances)
     assert out["tokens_per_s"] == pytest.approx(static["tokens_per_s"], rel=0.02)
-    assert out["avg_replicas"] < 0.95 * static["avg_replicas"]  # 59.4 of 64 GPUs
+    assert out["avg_replicas"] < 0.95 * static["avg_replicas"]  # 58.1 of 64 GPUs
     assert replicas(out)[-1].sum() < 64
 
 
