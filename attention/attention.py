@@ -4,6 +4,7 @@ from torch import nn
 
 from attention.cache import StepMetadata
 from attention.rope import apply_rope
+from kernels.linear import Linear
 
 
 class Attention(nn.Module):
@@ -12,10 +13,10 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.wq = Linear(dim, n_heads * head_dim)
+        self.wk = Linear(dim, n_kv_heads * head_dim)
+        self.wv = Linear(dim, n_kv_heads * head_dim)
+        self.wo = Linear(n_heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

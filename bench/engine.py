@@ -43,19 +43,21 @@ def gemv_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
 
 
 def expert_matmul_bandwidth(cfg, rows: int, n_experts: int = 32, repeats: int = 3) -> float:
-    """Bytes/s the engine's own expert kernel (experts.ffn.swiglu on input-major weights) streams weights at with
-    `rows` tokens an expert, over n_experts experts' weights, far larger than the caches: the rate a decode step's
-    expert math can reach on this machine, which small-row matmuls keep below the vector-matrix probe's."""
+    """Bytes/s the engine's own expert kernel (experts.ffn.swiglu on weights as kernels.linear.pack keeps them)
+    streams weights at with `rows` tokens an expert, over n_experts experts' weights, far larger than the caches:
+    the rate a decode step's expert math can reach on this machine."""
     from experts.ffn import swiglu
+    from kernels.linear import pack
 
     d, inter = cfg.hidden_size, cfg.intermediate_size
-    w13, w2 = torch.randn(n_experts, d, 2 * inter), torch.randn(n_experts, inter, d)
+    w13 = [pack(torch.randn(2 * inter, d)) for _ in range(n_experts)]
+    w2 = [pack(torch.randn(d, inter)) for _ in range(n_experts)]
     x = torch.randn(rows, d)
 
     def run() -> None:
-        for e in range(n_experts):
-            swiglu(x, w13[e], w2[e])
-    return (w13.numel() + w2.numel()) * 4 / best_of(run, repeats)
+        for a, b in zip(w13, w2, strict=True):
+            swiglu(x, a, b)
+    return n_experts * 3 * d * inter * 4 / best_of(run, repeats)
 
 
 def experts_touched(cfg, batch: int) -> float:
@@ -168,7 +170,7 @@ def run(o: EngineBenchOptions) -> None:
                   f"{ours_tps[b]:>6.0f} = {ours_tps[b] / roof:.0%}, transformers {ref_tps[b]:>6.0f} = "
                   f"{ref_tps[b] / roof:.0%} of it")
         cfg = hf.config
-        print("the expert kernel (swiglu, input-major weights) on this machine, at the rows an expert gets a step:")
+        print("the expert kernel (swiglu, packed weights) on this machine, at the rows an expert gets a step:")
         for b in o.batch_sizes:
             rows = max(1, round(b * cfg.num_experts_per_tok / experts_touched(cfg, b)))
             rate = expert_matmul_bandwidth(cfg, rows)

@@ -2,34 +2,37 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint.reader import Checkpoint
+from kernels.linear import linear, pack
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x), weights input-major with w1 and w3 side by side in one matmul.
+    """w2(silu(w1 x) * w3 x), with w1 and w3 stacked in one matmul.
 
-    x (..., M, dim), w13 (..., dim, 2I), w2 (..., I, dim) -> (..., M, dim); a leading expert axis
-    runs many experts as one batched matmul.
+    x (M, dim), w13 (2I, dim), w2 (dim, I), out-major as checkpoints and nn.Linear keep them, dense or as
+    kernels.linear.pack left them -> (M, dim).
     """
-    gate, up = (x @ w13).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ w2
+    gate, up = linear(x, w13).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w2)
 
 
 class ExpertSet:
-    """The weights of some (layer, expert) pairs, stacked per layer, and their weighted top-k sum.
+    """The weights of some (layer, expert) pairs and their weighted top-k sum.
 
-    Weights are kept input-major, (E_l, dim, 2I) and (E_l, I, dim), the transpose of nn.Linear's:
-    for the few rows an expert sees while decoding, MKL streams this layout up to twice as fast.
+    Each expert's w13 (2I, dim) and w2 (dim, I) are kept as kernels.linear.pack leaves them: packed for oneDNN
+    on the CPU, where a decode step's few rows an expert stream the weights up to twice as fast as MKL's sgemm.
     """
 
-    def __init__(self, layers: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]], n_experts: int):
-        self.layers = layers  # layer -> (expert ids held, w13 (E_l, dim, 2I), w2 (E_l, I, dim))
+    def __init__(self, layers: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]], n_experts: int):
+        """layers: layer -> (expert ids held, each one's w13 (2I, dim), each one's w2 (dim, I)), dense or packed."""
+        self.layers = {layer: (held, [pack(w) for w in w13], [pack(w) for w in w2])
+                       for layer, (held, w13, w2) in layers.items()}
         self.n_experts = n_experts
         # layer -> (1 + n_experts,) local index of each expert id + 1, -1 where not held (id -1: none)
         self.local = {}
-        for layer, (held, w13, _) in layers.items():
+        for layer, (held, w13, _) in self.layers.items():
             lut = torch.full((n_experts + 1,), -1, dtype=torch.long)
             lut[torch.tensor(held) + 1] = torch.arange(len(held))
-            self.local[layer] = lut.to(w13.device)
+            self.local[layer] = lut.to(w13[0].device)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype,
@@ -47,18 +50,16 @@ class ExpertSet:
             w13, w2 = [], []
             for e in held:
                 old = reuse.weights(layer, e) if reuse is not None else None
-                if old is not None:
-                    w13.append(old[0])
-                    w2.append(old[1])
-                    continue
-                w1, w2_e, w3 = ckpt.expert(layer, e, dtype)
-                w13.append(torch.cat((w1, w3)).T.to(device))
-                w2.append(w2_e.T.to(device))
-            layers[layer] = (held, torch.stack(w13), torch.stack(w2))
+                if old is None:
+                    w1, w2_e, w3 = ckpt.expert(layer, e, dtype)
+                    old = torch.cat((w1, w3)).to(device), w2_e.to(device)
+                w13.append(old[0])
+                w2.append(old[1])
+            layers[layer] = (held, w13, w2)
         return cls(layers, ckpt.args.n_experts)
 
     def weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(w13 (dim, 2I), w2 (I, dim)) of one held expert, or None."""
+        """(w13 (2I, dim), w2 (dim, I)) of one held expert, as kept, or None."""
         if layer not in self.layers:
             return None
         held, w13, w2 = self.layers[layer]
@@ -67,18 +68,20 @@ class ExpertSet:
 
     @property
     def device(self) -> torch.device:
-        return next((w13.device for _, w13, _ in self.layers.values()), torch.device("cpu"))
+        return next((w13[0].device for _, w13, _ in self.layers.values()), torch.device("cpu"))
 
     def warm_up(self, pairs: set[tuple[int, int]] | None = None) -> None:
         """Run each held expert (or those in `pairs`) once, so that the first routed tokens do not pay for
         cold kernels and first-touched weights."""
         with torch.inference_mode():
-            for layer, (held, w13, _) in self.layers.items():
-                ids = [e for e in held if pairs is None or (layer, e) in pairs]
-                if ids:
-                    x = torch.zeros(len(ids), w13.shape[1], dtype=w13.dtype, device=w13.device)
-                    self.forward(layer, x, torch.tensor(ids, device=w13.device).view(-1, 1),
-                                 torch.ones(len(ids), 1, device=w13.device))
+            for layer, (held, w13, w2) in self.layers.items():
+                for e, a, b in zip(held, w13, w2, strict=True):
+                    if pairs is None or (layer, e) in pairs:
+                        swiglu(torch.zeros(1, b.shape[0], dtype=self.dtype, device=self.device), a, b)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((w13[0].dtype for _, w13, _ in self.layers.values()), torch.float32)
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -86,13 +89,14 @@ class ExpertSet:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, w13, w2 in self.layers.values() for t in (w13, w2))
+        return sum(t.numel() * t.element_size() for _, w13, w2 in self.layers.values() for t in (*w13, *w2))
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, dim), expert_ids (T, k) (-1: not routed here), weights (T, k) -> (T, dim).
 
-        Each expert runs once over all its tokens. When every held expert has tokens and padding
-        them to equal counts at most doubles the rows, all run as one batched matmul instead.
+        Each expert runs once over all its tokens. Example, k = 2, experts 0 and 3 held (local 0 and 1):
+        expert_ids [[3, 0], [5, 3]] -> local slots [1, 0, -1, 1]; sorted, the slot routed elsewhere dropped:
+        slots [1, 0, 3] of tokens [0, 0, 1], counts [1, 2]: expert 0 runs token 0, expert 3 tokens 0 and 1.
         """
         held, w13, w2 = self.layers[layer]
         T, k = expert_ids.shape
@@ -100,24 +104,10 @@ class ExpertSet:
         order = local.argsort(stable=True)
         counts = torch.bincount(local + 1, minlength=len(held) + 1).tolist()
         order = order[counts[0] :]  # drop the slots routed elsewhere
-        counts = counts[1:]
-        tokens, w = order // k, weights.flatten()[order, None].to(x.dtype)  # (n,), (n, 1)
         out = torch.zeros_like(x)
-        n, m = len(order), max(counts)
-        if n == 0:
+        if len(order) == 0:
             return out
-        if min(counts) > 0 and len(held) * m <= 2 * n:
-            group = local[order]  # (n,) local expert of each slot, ascending
-            starts = torch.tensor([0, *counts[:-1]], device=x.device).cumsum(0)
-            row = torch.arange(n, device=x.device) - starts[group]
-            xs = x.new_zeros(len(held), m, x.shape[1])
-            xs[group, row] = x[tokens]
-            out.index_add_(0, tokens, swiglu(xs, w13, w2)[group, row] * w)  # (E_l, m, dim) -> (n, dim)
-            return out
-        start = 0
-        for j, c in enumerate(counts):
-            if c:
-                sl = slice(start, start + c)
-                out.index_add_(0, tokens[sl], swiglu(x[tokens[sl]], w13[j], w2[j]) * w[sl])
-                start += c
-        return out
+        tokens = order // k  # (n,)
+        xs = x[tokens].split(counts[1:])  # each expert's rows
+        ys = torch.cat([swiglu(xj, w13[j], w2[j]) for j, xj in enumerate(xs) if len(xj)])  # (n, dim)
+        return out.index_add_(0, tokens, ys * weights.flatten()[order, None].to(x.dtype))

@@ -15,6 +15,7 @@ from attention.rope import RotaryEmbedding
 from checkpoint.args import ModelArgs
 from checkpoint.hf import dense_names
 from checkpoint.reader import Checkpoint
+from kernels.linear import Linear, pack_linears
 from router.dispatch import ExpertBackend
 
 
@@ -44,7 +45,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(a.dim, a.norm_eps)
         self.attention = Attention(a.dim, a.n_heads, a.n_kv_heads, a.head_dim)
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
-        self.gate = nn.Linear(a.dim, a.n_experts, bias=False)
+        self.gate = Linear(a.dim, a.n_experts)
 
 
 class RouterModel(nn.Module):
@@ -54,7 +55,7 @@ class RouterModel(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta)
         self.exposed_wait_s = 0.0  # time the main thread waited on micro-batches' expert calls (ping-pong)
 
@@ -124,4 +125,4 @@ class RouterModel(nn.Module):
             model = cls(a)
         state = {ours: ckpt.tensor(hf, shape, dtype) for ours, (hf, shape) in dense_names(a).items()}
         model.load_state_dict(state, assign=True)
-        return model.eval()
+        return pack_linears(model.eval())

@@ -27,8 +27,8 @@ N_EXPERTS = 4
 
 def expert_set(dim: int, hidden: int, layers: int = 2, seed: int = 0) -> ExpertSet:
     g = torch.Generator().manual_seed(seed)
-    return ExpertSet({l: (list(range(N_EXPERTS)), torch.randn(N_EXPERTS, dim, 2 * hidden, generator=g) * 0.05,
-                          torch.randn(N_EXPERTS, hidden, dim, generator=g) * 0.05) for l in range(layers)},
+    return ExpertSet({l: (list(range(N_EXPERTS)), torch.randn(N_EXPERTS, 2 * hidden, dim, generator=g) * 0.05,
+                          torch.randn(N_EXPERTS, dim, hidden, generator=g) * 0.05) for l in range(layers)},
                      N_EXPERTS)
 
 

@@ -52,7 +52,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def reference(ckpt: Checkpoint, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
               held: set[int] | None = None) -> torch.Tensor:
     """sum_k w_k * w2(silu(w1 x) * w3 x) in float32 on the CPU, read straight from the checkpoint in nn.Linear's
-    layout: independent of ExpertSet's stacked, input-major weights and its batching."""
+    layout: independent of how ExpertSet keeps its weights and of its batching."""
     x, ids, w = x.float().cpu(), ids.cpu(), w.float().cpu()
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():
@@ -97,12 +97,12 @@ def test_expert_set_on_device_matches_float32_reference(ckpt):
     a = ckpt.args
     experts = ExpertSet.load(ckpt, all_pairs(ckpt), torch.bfloat16, device=DEVICE)
     assert experts.device.type == DEVICE.type
-    assert {(t.device.type, t.dtype) for _, w13, w2 in experts.layers.values() for t in (w13, w2)} == \
+    assert {(t.device.type, t.dtype) for _, w13, w2 in experts.layers.values() for t in (*w13, *w2)} == \
         {(DEVICE.type, torch.bfloat16)}
     assert all(lut.device.type == DEVICE.type for lut in experts.local.values())
     experts.warm_up()
-    # 256 tokens reach every expert: one batched matmul over all 8; 40 tokens over experts 0-2 leave the other
-    # held experts without a token: one matmul per expert that has some. 4096 tokens: a prefill-sized call.
+    # 256 tokens reach every expert; 40 tokens over experts 0-2 leave the other held experts without a token (they
+    # run nothing); 4096 tokens: a prefill-sized call; 1 token: a decode step's.
     for n, only in ((256, None), (40, [0, 1, 2]), (4096, None), (1, None)):
         for layer in range(a.n_layers):
             x, ids, w = routed(n, a.dim, a.n_experts, seed=100 * n + layer, only=only)
@@ -303,7 +303,7 @@ def test_replicas_share_the_gpu_and_keep_their_experts_on_it(gpu_plane):
         experts = shard.holdings.experts
         cuda = torch.cuda.is_available()
         return dict(device=str(shard.holdings.device), servicer_device=str(shard.servicer.device),
-                    weights={str(t.device) for _, w13, w2 in experts.layers.values() for t in (w13, w2)},
+                    weights={str(t.device) for _, w13, w2 in experts.layers.values() for t in (*w13, *w2)},
                     nbytes=experts.nbytes, gpu_ids=[str(g) for g in ray.get_gpu_ids()],
                     gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"),
                     visible=os.environ.get("CUDA_VISIBLE_DEVICES"),

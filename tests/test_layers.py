@@ -6,14 +6,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-_CORE = {"attention", "checkpoint", "experts", "protos"}
+_CORE = {"kernels", "attention", "checkpoint", "experts", "protos"}
 # package -> the packages it may import. Training sits beside the serving stack: it uses the core,
 # and only the benchmarks and the CLI use it.
 ALLOWED = {
     "protos": set(),
-    "attention": set(),
+    "kernels": set(),
+    "attention": {"kernels"},
     "checkpoint": set(),
-    "experts": {"checkpoint", "protos"},
+    "experts": {"kernels", "checkpoint", "protos"},
     "router": _CORE,
     "training": _CORE | {"router"},
     "server": _CORE | {"router"},

@@ -119,7 +119,7 @@ def expert_parallel_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
     local = torch.arange(m, device=x.device).repeat(P).repeat_interleave(recv_counts.flatten())  # (R,)
     by_expert = local.argsort(stable=True)  # (R,) expert-major, source order within an expert
     per_expert = recv_counts.sum(0).tolist()
-    ys = torch.cat([swiglu(c, w13[e].T, w2[e].T) for e, c in enumerate(rows[by_expert].split(per_expert))])
+    ys = torch.cat([swiglu(c, w13[e], w2[e]) for e, c in enumerate(rows[by_expert].split(per_expert))])
     inverse = torch.empty_like(by_expert)
     inverse[by_expert] = torch.arange(len(by_expert), device=x.device)
     back = AllToAll.apply(ys[inverse], in_splits, out_splits, group, timer)  # (S, D) in `order`

@@ -97,7 +97,7 @@ class TrainableMixtral(nn.Module):
         order = flat.argsort(stable=True)  # (N k,)
         counts = torch.bincount(flat, minlength=self.args.n_experts).tolist()
         xs = x[order // k].split(counts)
-        ys = torch.cat([swiglu(c, self.w13[layer, e].T, self.w2[layer, e].T) for e, c in enumerate(xs)])  # (N k, D)
+        ys = torch.cat([swiglu(c, self.w13[layer, e], self.w2[layer, e]) for e, c in enumerate(xs)])  # (N k, D)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)
         return (ys[inverse].view(N, k, -1) * weights[..., None].to(x.dtype)).sum(1)
