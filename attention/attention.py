@@ -4,7 +4,7 @@ from torch import nn
 
 from attention.cache import StepMetadata
 from attention.rope import apply_rope
-from kernels.linear import Linear
+from matmul.packed import Linear
 
 
 class Attention(nn.Module):

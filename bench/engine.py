@@ -35,19 +35,19 @@ def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
 
 
 def gemv_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
-    """Bytes/s this machine streams float32 weights at in a vector-matrix product: the access pattern of a
-    decode step's weights (input-major, as the engine keeps its experts), far larger than the caches."""
+    """Bytes/s this machine streams float32 weights at in a vector-matrix product over input-major weights far
+    larger than the caches: the rate a decode step's weights could stream at, whatever kernel reads them."""
     n = 4096
     w, x = torch.randn(n, mbytes * 2**20 // (4 * n)), torch.randn(1, n)
     return w.numel() * 4 / best_of(lambda: x @ w, repeats)
 
 
 def expert_matmul_bandwidth(cfg, rows: int, n_experts: int = 32, repeats: int = 3) -> float:
-    """Bytes/s the engine's own expert kernel (experts.ffn.swiglu on weights as kernels.linear.pack keeps them)
+    """Bytes/s the engine's own expert kernel (experts.ffn.swiglu on weights as matmul.packed.pack keeps them)
     streams weights at with `rows` tokens an expert, over n_experts experts' weights, far larger than the caches:
     the rate a decode step's expert math can reach on this machine."""
     from experts.ffn import swiglu
-    from kernels.linear import pack
+    from matmul.packed import pack
 
     d, inter = cfg.hidden_size, cfg.intermediate_size
     w13 = [pack(torch.randn(2 * inter, d)) for _ in range(n_experts)]

@@ -2,14 +2,14 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint.reader import Checkpoint
-from kernels.linear import linear, pack
+from matmul.packed import linear, pack
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x), with w1 and w3 stacked in one matmul.
 
     x (M, dim), w13 (2I, dim), w2 (dim, I), out-major as checkpoints and nn.Linear keep them, dense or as
-    kernels.linear.pack left them -> (M, dim).
+    matmul.packed.pack left them -> (M, dim).
     """
     gate, up = linear(x, w13).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w2)
@@ -18,8 +18,9 @@ def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor
 class ExpertSet:
     """The weights of some (layer, expert) pairs and their weighted top-k sum.
 
-    Each expert's w13 (2I, dim) and w2 (dim, I) are kept as kernels.linear.pack leaves them: packed for oneDNN
-    on the CPU, where a decode step's few rows an expert stream the weights up to twice as fast as MKL's sgemm.
+    Each expert's w13 (2I, dim) and w2 (dim, I) are kept as matmul.packed.pack leaves them: float32 weights of
+    1 MiB or more on the CPU packed for oneDNN, whose kernel streams them up to twice as fast as MKL's sgemm for a
+    decode step's few rows an expert; the rest (small, bf16, on a GPU) dense, as checkpoints store them.
     """
 
     def __init__(self, layers: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]], n_experts: int):
@@ -42,6 +43,8 @@ class ExpertSet:
         reads just what it gains)."""
         if device is None:
             device = reuse.device if reuse is not None else torch.device("cpu")
+        if reuse is not None and reuse.pairs and reuse.device != device:
+            raise ValueError(f"cannot reuse weights on {reuse.device} for a set on {device}")
         by_layer: dict[int, list[int]] = {}
         for layer, e in sorted(set(pairs)):
             by_layer.setdefault(layer, []).append(e)
@@ -52,7 +55,7 @@ class ExpertSet:
                 old = reuse.weights(layer, e) if reuse is not None else None
                 if old is None:
                     w1, w2_e, w3 = ckpt.expert(layer, e, dtype)
-                    old = torch.cat((w1, w3)).to(device), w2_e.to(device)
+                    old = pack(torch.cat((w1, w3)).to(device)), pack(w2_e.to(device))  # one dense copy at a time
                 w13.append(old[0])
                 w2.append(old[1])
             layers[layer] = (held, w13, w2)
@@ -74,14 +77,12 @@ class ExpertSet:
         """Run each held expert (or those in `pairs`) once, so that the first routed tokens do not pay for
         cold kernels and first-touched weights."""
         with torch.inference_mode():
-            for layer, (held, w13, w2) in self.layers.items():
-                for e, a, b in zip(held, w13, w2, strict=True):
-                    if pairs is None or (layer, e) in pairs:
-                        swiglu(torch.zeros(1, b.shape[0], dtype=self.dtype, device=self.device), a, b)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next((w13[0].dtype for _, w13, _ in self.layers.values()), torch.float32)
+            for layer, (held, _, w2) in self.layers.items():
+                ids = [e for e in held if pairs is None or (layer, e) in pairs]
+                if ids:
+                    x = torch.zeros(len(ids), w2[0].shape[0], dtype=w2[0].dtype, device=w2[0].device)
+                    self.forward(layer, x, torch.tensor(ids, device=x.device).view(-1, 1),
+                                 torch.ones(len(ids), 1, device=x.device))
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -99,7 +100,7 @@ class ExpertSet:
         slots [1, 0, 3] of tokens [0, 0, 1], counts [1, 2]: expert 0 runs token 0, expert 3 tokens 0 and 1.
         """
         held, w13, w2 = self.layers[layer]
-        T, k = expert_ids.shape
+        k = expert_ids.shape[1]
         local = self.local[layer][expert_ids.flatten() + 1]  # (T k,) -1: not here
         order = local.argsort(stable=True)
         counts = torch.bincount(local + 1, minlength=len(held) + 1).tolist()

@@ -178,9 +178,9 @@ class ExpertServicer:
         """On the math thread: the calls of `layer` as one run per ExpertSet (one, unless a placement switch
         came between their arrivals), each call's rows of the output back in order.
 
-        A row's output equals its call's alone up to float32 rounding, not bit for bit: MKL's sgemm sums a
-        row's products in an order that depends on the matmul's row count (1-3, 5-7, 9-11 rows round
-        differently from 4, 8 and 12 or more here)."""
+        A row's output equals its call's alone up to float32 rounding, not bit for bit: the matmul kernel (MKL's
+        sgemm, or oneDNN's on packed weights) sums a row's products in an order that depends on the matmul's row
+        count."""
         out: dict[int, tuple[torch.Tensor, int]] = {}
         for experts in dict.fromkeys(j.experts for j in jobs):  # first-seen order
             idx = [i for i, j in enumerate(jobs) if j.experts is experts]

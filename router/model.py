@@ -15,7 +15,7 @@ from attention.rope import RotaryEmbedding
 from checkpoint.args import ModelArgs
 from checkpoint.hf import dense_names
 from checkpoint.reader import Checkpoint
-from kernels.linear import Linear, pack_linears
+from matmul.packed import Linear, pack_linears
 from router.dispatch import ExpertBackend
 
 
@@ -125,4 +125,5 @@ class RouterModel(nn.Module):
             model = cls(a)
         state = {ours: ckpt.tensor(hf, shape, dtype) for ours, (hf, shape) in dense_names(a).items()}
         model.load_state_dict(state, assign=True)
+        del state  # so that each dense weight is freed as soon as its packed copy replaces it
         return pack_linears(model.eval())

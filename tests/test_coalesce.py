@@ -27,8 +27,8 @@ N_EXPERTS = 4
 
 def expert_set(dim: int, hidden: int, layers: int = 2, seed: int = 0) -> ExpertSet:
     g = torch.Generator().manual_seed(seed)
-    return ExpertSet({l: (list(range(N_EXPERTS)), torch.randn(N_EXPERTS, 2 * hidden, dim, generator=g) * 0.05,
-                          torch.randn(N_EXPERTS, dim, hidden, generator=g) * 0.05) for l in range(layers)},
+    return ExpertSet({l: (list(range(N_EXPERTS)), list(torch.randn(N_EXPERTS, 2 * hidden, dim, generator=g) * 0.05),
+                          list(torch.randn(N_EXPERTS, dim, hidden, generator=g) * 0.05)) for l in range(layers)},
                      N_EXPERTS)
 
 
@@ -90,10 +90,9 @@ def output(reply: expert_pb2.ForwardResponse) -> torch.Tensor:
 
 
 def assert_solo(replica: Replica, layer: int, call: tuple, reply) -> None:
-    """The reply is what the call's tokens give alone. Not bit for bit: MKL's sgemm sums a row's products in
-    an order that depends on how many rows the matmul has (1, 2, 3, 5, 6, 7, 9, 10 or 11 rows differ in the
-    last bits from 12 and more), so a row merged with others may round differently; the tolerance is a
-    few float32 ulps of the output."""
+    """The reply is what the call's tokens give alone. Not bit for bit: the matmul kernel (MKL's sgemm, or
+    oneDNN's on packed weights) sums a row's products in an order that depends on how many rows the matmul has,
+    so a row merged with others may round differently; the tolerance is a few float32 ulps of the output."""
     assert not isinstance(reply, grpc.RpcError), reply
     torch.testing.assert_close(output(reply), replica.experts.forward(layer, *call), rtol=1e-5, atol=1e-6)
 

@@ -26,8 +26,9 @@ PAIRS = [(l, e) for l in range(LAYERS) for e in range(N_EXPERTS)]
 
 def expert_set() -> ExpertSet:
     g = torch.Generator().manual_seed(0)
-    return ExpertSet({l: (list(range(N_EXPERTS)), torch.randn(N_EXPERTS, 2 * HIDDEN, DIM, generator=g) * 0.1,
-                          torch.randn(N_EXPERTS, DIM, HIDDEN, generator=g) * 0.1) for l in range(LAYERS)}, N_EXPERTS)
+    return ExpertSet({l: (list(range(N_EXPERTS)), list(torch.randn(N_EXPERTS, 2 * HIDDEN, DIM, generator=g) * 0.1),
+                          list(torch.randn(N_EXPERTS, DIM, HIDDEN, generator=g) * 0.1)) for l in range(LAYERS)},
+                     N_EXPERTS)
 
 
 EXPERTS = expert_set()

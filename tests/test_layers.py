@@ -6,15 +6,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-_CORE = {"kernels", "attention", "checkpoint", "experts", "protos"}
+_CORE = {"matmul", "attention", "checkpoint", "experts", "protos"}
 # package -> the packages it may import. Training sits beside the serving stack: it uses the core,
 # and only the benchmarks and the CLI use it.
 ALLOWED = {
     "protos": set(),
-    "kernels": set(),
-    "attention": {"kernels"},
+    "matmul": set(),
+    "attention": {"matmul"},
     "checkpoint": set(),
-    "experts": {"kernels", "checkpoint", "protos"},
+    "experts": {"matmul", "checkpoint", "protos"},
     "router": _CORE,
     "training": _CORE | {"router"},
     "server": _CORE | {"router"},

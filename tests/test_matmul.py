@@ -1,4 +1,4 @@
-"""kernels.linear: weights packed for oneDNN multiply as nn.Linear does, and a model whose every weight is packed
+"""matmul.packed: weights packed for oneDNN multiply as nn.Linear does, and a model whose every weight is packed
 matches Hugging Face transformers as the plain one does."""
 
 import pytest
@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from hf_reference import build_checkpoint, hf_greedy_oracle, hf_logprobs
 
-import kernels.linear
-from kernels.linear import Linear, linear, pack
+import matmul.packed
+from checkpoint.reader import Checkpoint
+from experts.ffn import ExpertSet
+from matmul.packed import Linear, linear, pack
 from router import LLM, SamplingParams
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -22,6 +24,15 @@ def test_a_packed_weight_multiplies_as_the_plain_one(rows):
     assert packed.is_mkldnn
     x = torch.randn(*rows, 512, generator=g)
     torch.testing.assert_close(linear(x, packed), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_packed_weight_refuses_what_it_cannot_multiply():
+    packed = pack(torch.randn(2048, 512))
+    with pytest.raises(TypeError, match="without gradients"):
+        linear(torch.randn(2, 512, requires_grad=True), packed)  # oneDNN would drop the gradient silently
+    with pytest.raises(TypeError, match="bfloat16"):
+        linear(torch.randn(2, 512, dtype=torch.bfloat16), packed)
 
 
 def test_weights_that_gain_nothing_or_train_stay_as_they_are():
@@ -39,7 +50,7 @@ def test_weights_that_gain_nothing_or_train_stay_as_they_are():
 def test_a_model_with_every_weight_packed_matches_hf(tmp_path, monkeypatch):
     """The tiny checkpoints' weights are too small to be packed, so here every one is: the projections, gate and
     LM head of the router model and every expert's."""
-    monkeypatch.setattr(kernels.linear, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(matmul.packed, "PACK_MIN_BYTES", 0)
     hf = build_checkpoint(tmp_path, seed=5)
     llm = LLM(tmp_path)
     try:
@@ -56,3 +67,29 @@ def test_a_model_with_every_weight_packed_matches_hf(tmp_path, monkeypatch):
         assert all(hf_greedy_oracle(hf, p, o.outputs[0].token_ids) for p, o in zip(prompts, outs, strict=True))
     finally:
         llm.shutdown()
+
+
+@needs_onednn
+def test_packed_expert_sets_reload_what_they_gain_and_warm_up(tmp_path, monkeypatch):
+    """A replica whose placement changes loads only the pairs it gains (reuse=): the packed weights it keeps are
+    the same tensors, and the grown set computes what a fresh load of the same pairs does."""
+    monkeypatch.setattr(matmul.packed, "PACK_MIN_BYTES", 0)
+    build_checkpoint(tmp_path, seed=6)
+    ckpt = Checkpoint(tmp_path)
+    a = ckpt.args
+    even = [(l, e) for l in range(a.n_layers) for e in range(0, a.n_experts, 2)]
+    part = ExpertSet.load(ckpt, even, torch.float32)
+    assert all(w.is_mkldnn for _, w13, w2 in part.layers.values() for w in (*w13, *w2))
+    grown = ExpertSet.load(ckpt, [*even, (1, 3)], torch.float32, reuse=part)
+    assert grown.weights(1, 2)[0] is part.weights(1, 2)[0] and grown.weights(1, 3)[0].is_mkldnn
+    grown.warm_up()
+    fresh = ExpertSet.load(ckpt, [*even, (1, 3)], torch.float32)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, a.dim, generator=g)
+    ids = torch.randint(0, a.n_experts, (40, 2), generator=g)
+    ids[::3, 1] = -1  # slots routed nowhere
+    w = torch.rand(40, 2, generator=g)
+    assert torch.equal(grown.forward(1, x, ids, w), fresh.forward(1, x, ids, w))
+    assert not torch.allclose(grown.forward(1, x, ids, w), part.forward(1, x, ids, w))  # expert 3 now runs here
+    with pytest.raises(ValueError, match="cannot reuse"):
+        ExpertSet.load(ckpt, even, torch.float32, reuse=part, device=torch.device("meta"))

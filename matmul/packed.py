@@ -1,10 +1,11 @@
 """`y = x @ w.T` with weights packed once for oneDNN's CPU matmul.
 
 A decode step multiplies a few rows by large weights, so its matmuls stream weights from memory. MKL's sgemm,
-behind nn.Linear and torch.matmul, streams them at 9-17 GB/s on this 2-core machine for 1-8 rows; oneDNN's
-kernel on weights reordered once into its blocked layout, at 17-22 GB/s (the rows a decode step gives an
-expert, `raymoe bench engine`). Weights that fit the caches gain nothing and pay the packed call's ~10 us, so
-they stay as they are, as do weights on other devices or in other dtypes, and anything that needs autograd.
+behind nn.Linear and torch.matmul, streams them at 9-17 GB/s on this 2-core machine for 8 to 1 rows; oneDNN's
+kernel on weights reordered once into its blocked layout, at 17-18 GB/s for all of them (the rows a decode step
+gives an expert, `raymoe bench engine`). Weights that fit the caches gain nothing and pay the packed call's
+~10 us, so they stay as they are, as do weights on other devices or in other dtypes, and anything that needs
+autograd.
 """
 
 import torch
@@ -32,6 +33,10 @@ def pack(w: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., in), w (out, in) as pack() left it -> x @ w.T (..., out)."""
     if w.is_mkldnn:
+        if x.dtype != w.dtype or (x.requires_grad and torch.is_grad_enabled()):
+            # oneDNN would fail with an opaque message, or run and silently drop the gradient
+            raise TypeError(f"a packed {w.dtype} weight takes {w.dtype} inputs without gradients; got {x.dtype}"
+                            f"{' requiring grad' if x.requires_grad else ''}")
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
 
