@@ -24,13 +24,13 @@ class ExpertSet:
     """
 
     def __init__(self, layers: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]], n_experts: int):
-        """layers: layer -> (expert ids held, each one's w13 (2I, dim), each one's w2 (dim, I)), dense or packed."""
-        self.layers = {layer: (held, [pack(w) for w in w13], [pack(w) for w in w2])
-                       for layer, (held, w13, w2) in layers.items()}
+        """layers: layer -> (expert ids held, each one's w13 (2I, dim), each one's w2 (dim, I)), kept as given
+        (load() packs them as it reads them)."""
+        self.layers = layers
         self.n_experts = n_experts
         # layer -> (1 + n_experts,) local index of each expert id + 1, -1 where not held (id -1: none)
         self.local = {}
-        for layer, (held, w13, _) in self.layers.items():
+        for layer, (held, w13, _) in layers.items():
             lut = torch.full((n_experts + 1,), -1, dtype=torch.long)
             lut[torch.tensor(held) + 1] = torch.arange(len(held))
             self.local[layer] = lut.to(w13[0].device)

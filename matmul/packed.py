@@ -55,8 +55,7 @@ def pack_linears(model: nn.Module) -> nn.Module:
     """Pack the weight of every Linear in `model` that pack() packs, in place: for inference only (a packed
     weight is a buffer, not a parameter, and has no gradient)."""
     for m in model.modules():
-        if isinstance(m, Linear) and isinstance(m.weight, nn.Parameter) and packs(m.weight.detach()):
-            w = pack(m.weight.detach())
+        if isinstance(m, Linear) and isinstance(m.weight, nn.Parameter) and (w := pack(m.weight.detach())).is_mkldnn:
             del m.weight
             m.register_buffer("weight", w)
     return model
