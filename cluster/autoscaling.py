@@ -177,6 +177,11 @@ def _desired(shard: ShardLoad, target_busy: float, tolerance: float, fair: float
             desired = max(desired, math.ceil(shard.current * growth - _CEIL_EPS), floor)
         elif critical >= fair * (1 - tolerance):
             desired = max(desired, hold)  # as often last as any: one replica fewer would make it the straggler
+        elif shard.current < hold:
+            # Replicas still starting (a lost one's replacement, most often): the share was measured without them,
+            # and re-placement moves load off a shard while it is short, so it reads colder than it is. Cutting the
+            # target now would cancel the replacement, and the shard would end a replica short for good.
+            desired = max(desired, hold)
         else:
             # Fewer replicas make it last more often, about in proportion: shrink only as far as it would still end
             # fewer waits than the band's low edge. Re-placement evens the shards out, so their shares scatter
@@ -243,7 +248,8 @@ def decide(
     calls queued wants at least ``current + 1``; a shard without metrics holds. With the routers' critical path
     (``critical``, the shard's share of layer waits, against a fair share of ``1 / len(shards)``): a shard at or
     above ``fair * (1 - tolerance)`` keeps what it has, one below it shrinks no further than
-    ``ceil(current * critical / (fair * (1 - tolerance)))`` (where it would reach that edge); while
+    ``ceil(current * critical / (fair * (1 - tolerance)))`` (where it would reach that edge), and not at all
+    while some of its replicas are still starting (``current`` below its target); while
     ``requests_waiting``, one above
     ``fair * (1 + tolerance)`` wants ``ceil(current * min(critical / fair, 2))`` and at least one more than it
     has, and no shard shrinks. The result is clamped to ``[min_replicas, max_replicas]``.

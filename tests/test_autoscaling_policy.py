@@ -132,6 +132,17 @@ def test_a_shard_under_its_share_of_waits_shrinks_only_as_far_as_it_stays_under(
     assert decide(four, 0.6, None)["a"] == 3
 
 
+def test_a_shard_whose_lost_replica_is_restarting_keeps_its_target_though_it_reads_cold():
+    # Shard "hit" lost one of its 2 replicas; Serve is starting the replacement (target 2, 1 running) and re-placement
+    # moved its load away meanwhile, so it ends few waits. Cutting it to 1 would cancel the replacement.
+    shards = {f"s{i}": ShardLoad(2, 1, 8, busy=0.1, critical=0.14) for i in range(7)}
+    shards["hit"] = ShardLoad(1, 1, 8, busy=0.1, target_replicas=2, critical=0.01)
+    assert decide(shards, 0.6, 16)["hit"] == 2
+    # Once the replacement serves, a share that stays that low sheds it.
+    shards["hit"] = ShardLoad(2, 1, 8, busy=0.1, critical=0.01)
+    assert decide(shards, 0.6, 16)["hit"] == 1
+
+
 def test_critical_shares_need_routers_under_load():
     assert critical_shares([3.0, 1.0], 5.0) == [0.75, 0.25]
     assert critical_shares([0.2, 0.1], 5.0) is None  # waiting 6% of the window: a trickle, not decoding
