@@ -133,13 +133,13 @@ def serving_counts(snapshot: dict) -> dict[int, int]:
 
 def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threading.Event, poll_s: float = 0.5,
                    first_s: float | None = None) -> None:
-    """Rebalance every every_s (the first time first_s in, by default every_s); at once when a shard's count of
-    serving replicas changes: the placement in force spread the load over the old counts, so a shard that lost a
-    replica (the autoscaler's, or a failure) now overloads those left, and one that gained a replica leaves it
-    short of work; and at once when the load shifts: the experts' shares over the last SHIFT_WINDOW_S differ from
-    those before beyond noise (cluster.eplb.load_shifted; a hot set that moved), checked every second. Each looks
-    at the load of o.window_s, or of the time since the loop started or the load last shifted if that is less (a
-    shift's own rebalance at the last SHIFT_WINDOW_S). Runs until `stop` is set."""
+    """Rebalance every every_s (the first time first_s in, by default every_s); at once, and whatever the gain
+    (round_options), when a shard's count of serving replicas changes: the placement in force spread the load over
+    the old counts, so a shard that lost a replica (the autoscaler's, or a failure) now overloads those left, and
+    one that gained a replica leaves it short of work; and at once when the load shifts: the experts' shares over
+    the last SHIFT_WINDOW_S differ from those before beyond noise (cluster.eplb.load_shifted; a hot set that moved),
+    checked every second. Each looks at the load of o.window_s, or of the time since the loop started or the load
+    last shifted if that is less (a shift's own rebalance at the last SHIFT_WINDOW_S). Runs until `stop` is set."""
     from cluster.directory import DirectoryClient
 
     directory = DirectoryClient(app)
@@ -168,7 +168,7 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
         due = t + every_s
         why = " (replica counts changed)" if changed else " (the load shifted)" if shifted else ""
         try:
-            r = rebalance(app, replace(o, window_s=min(o.window_s, t - regime)))
+            r = rebalance(app, round_options(o, min(o.window_s, t - regime), changed))
             if r["switched"]:
                 log.info("rebalanced to placement v%d%s: predicted imbalance %.2f -> %.2f", r["version"], why,
                          r["imbalance_before"], r["imbalance_after"])
@@ -176,6 +176,15 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
             log.info("no rebalance: %s", e)
         except Exception:
             log.exception("rebalance failed")
+
+
+def round_options(o: RebalanceOptions, window_s: float, counts_changed: bool) -> RebalanceOptions:
+    """The options of one round of rebalance_loop: o on the load of window_s, and after a change of replica counts
+    whatever the gain. The predicted imbalance is the busiest replica's excess over the mean, which a replica
+    gained hardly moves: it lowers the mean by what it leaves idle, a few hundredths with a dozen replicas, under
+    a periodic round's min_gain. Left out, that replica would idle on its share of the old placement, read cold
+    to the autoscaler, and be removed again."""
+    return replace(o, window_s=window_s, min_gain=0.0 if counts_changed else o.min_gain)
 
 
 def shift_seen(directory, window_s: float) -> bool:

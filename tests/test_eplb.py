@@ -151,3 +151,30 @@ def test_a_moved_hot_set_reads_as_a_shift_and_fresh_counts_of_the_same_load_do_n
              for _ in range(200)]
     assert sum(same) <= 1 and all(moved)  # 1: about what 200 tests at p < 3e-5 may give
     assert not load_shifted(np.zeros((4, 8)), counts([p] * 4, 300))  # nothing before: nothing to differ from
+
+
+def test_a_replica_gained_is_re_placed_whatever_the_gain():
+    """The burst case of a live run: a killed replica's replacement serves on the placement made while its shard
+    was short, at half the others' load. The predicted gain of re-placing is under a periodic round's min_gain,
+    so only the waiver after a change of replica counts gives the new replica its share."""
+    from cluster.plane_ingress import PERIODIC_MIN_GAIN
+    from cluster.rebalance import RebalanceOptions, round_options
+
+    rng = np.random.default_rng(0)
+    L, E, G = 4, 8, 8
+    p = 1 / np.arange(1, E + 1) ** 1.2
+    load = np.stack([rng.multinomial(4000, rng.permutation(p / p.sum())) for _ in range(L)]).astype(float)
+    short = np.array([1, 2, 2, 2, 2, 2, 2, 2])  # shard 0 lost a replica
+    placed = balanced_placement(load, short, E + G)
+    full = np.full(G, 2)  # its replacement serves
+    per_replica = shard_loads(load, placed, full)
+    assert per_replica[0] < 0.7 * per_replica[1:].mean()  # the new replica idles on the old placement
+    again = balanced_placement(load, full, E + G, current=placed)
+    gain = imbalance(per_replica) - imbalance(shard_loads(load, again, full))
+    assert 0 < gain < PERIODIC_MIN_GAIN
+    assert shard_loads(load, again, full)[0] > 0.9 * per_replica[1:].mean()
+
+    o = RebalanceOptions(window_s=5.0, min_gain=PERIODIC_MIN_GAIN)
+    assert round_options(o, 3.0, counts_changed=True).min_gain == 0.0
+    periodic = round_options(o, 3.0, counts_changed=False)
+    assert periodic.min_gain == PERIODIC_MIN_GAIN and periodic.window_s == 3.0
