@@ -7,8 +7,9 @@ small intermediate size so that the expert math, reported beside it, does not hi
 Then C callers send the same layer's messages at once (as C routers or micro-batches would), and the
 replicas' Info says how many calls each run of expert math took (they merge concurrent calls of a layer).
 Part 2 decodes the model-core benchmark checkpoint with the experts on Ray, in-process, and in HF, and says how
-many of the machine's cores the Ray decode kept busy (router and replicas together): what overlapping a
-micro-batch's calls with the other's attention can gain is bounded by the cores left idle.
+many of the machine's cores the Ray decode kept busy (router and replicas together), and how many the router
+alone: what overlapping a micro-batch's calls with the other's attention can gain is bounded by the cores left
+idle, and with cores left idle the step waits on the chain router -> replicas -> router, not on the machine.
 """
 
 import asyncio
@@ -263,8 +264,9 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
                       + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
                       + " | " + " ".join(f"{k} ping-pong: {tps[k + ' pp'] / tps[k]:.2f}x, {hidden[k]:.0%} "
-                                         f"of dispatch hidden; cores busy {busy[k]:.2f} ({busy[k + ' pp']:.2f} "
-                                         f"ping-pong) of {os.cpu_count()}" for k in rays)
+                                         f"of dispatch hidden; cores busy {busy[k][0]:.2f} ({busy[k + ' pp'][0]:.2f} "
+                                         f"ping-pong) of {os.cpu_count()}, the router's "
+                                         f"{busy[k][1]:.2f} ({busy[k + ' pp'][1]:.2f})" for k in rays)
                       + ("" if same else "   (ray and local tokens differ!)"))
     finally:
         torch.set_num_threads(default_threads)

@@ -83,13 +83,15 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     return sum(ticks) - idle, sum(ticks)
 
 
-def cores_busy(fn: Callable[[], object]) -> float:
-    """How many of this machine's cores were busy, on average, while fn ran (every process counts: the replicas
-    beside this one too); NaN where /proc/stat is missing. Where it nears os.cpu_count(), nothing is left for
-    overlapping work to use."""
-    before = _cpu_jiffies()
+def cores_busy(fn: Callable[[], object]) -> tuple[float, float]:
+    """(machine, this process): how many cores were busy, on average, while fn ran; machine-wide every process
+    counts (the replicas beside this one too), NaN where /proc/stat is missing. Where the first nears
+    os.cpu_count(), nothing is left for overlapping work to use; where neither does, the work waits on a chain
+    of processes (this one's share is the router's)."""
+    before, own, wall = _cpu_jiffies(), time.process_time(), time.perf_counter()
     fn()
-    after = _cpu_jiffies()
+    after, own, wall = _cpu_jiffies(), time.process_time() - own, time.perf_counter() - wall
+    mine = own / wall if wall > 0 else float("nan")
     if before is None or after is None or after[1] == before[1]:
-        return float("nan")
-    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+        return float("nan"), mine
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1), mine
