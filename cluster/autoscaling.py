@@ -175,12 +175,11 @@ def _desired(shard: ShardLoad, target_busy: float, tolerance: float, fair: float
             growth = min(critical / fair, MAX_GROWTH)
             floor = hold + 1 if hold <= shard.current else hold  # one more, unless more are already starting
             desired = max(desired, math.ceil(shard.current * growth - _CEIL_EPS), floor)
-        elif critical >= fair * (1 - tolerance):
-            desired = max(desired, hold)  # as often last as any: one replica fewer would make it the straggler
-        elif shard.current < hold:
-            # Replicas still starting (a lost one's replacement, most often): the share was measured without them,
-            # and re-placement moves load off a shard while it is short, so it reads colder than it is. Cutting the
-            # target now would cancel the replacement, and the shard would end a replica short for good.
+        elif critical >= fair * (1 - tolerance) or shard.current < hold:
+            # As often last as any: one replica fewer would make it the straggler. Or replicas still starting (a lost
+            # one's replacement, most often): the share was measured without them, and re-placement moves load off
+            # a shard while it is short, so it reads colder than it is; cutting the target now would cancel the
+            # replacement, and the shard would end a replica short for good.
             desired = max(desired, hold)
         else:
             # Fewer replicas make it last more often, about in proportion: shrink only as far as it would still end
