@@ -410,7 +410,8 @@ def test_directory_keeps_apps_apart(ray_session):
         a.register(entry | {"app": "test-app-a"})
         b.register(entry | {"app": "test-app-b", "address": "127.0.0.1:2"})
         assert [e["address"] for e in a.replicas()] == ["127.0.0.1:1"]
-        b.report_failure("127.0.0.1:1")  # another app's address: a's entry stays
+        # another app's address: a's entry stays (awaited: the client's report is fire and forget)
+        ray.get(get_directory().report_failure.remote("test-app-b", "127.0.0.1:1"))
         assert [e["address"] for e in a.replicas()] == ["127.0.0.1:1"]
         snap = msgpack.unpackb(ray.get(get_directory().snapshot.remote("test-app-b")))
         assert [e["address"] for e in snap["replicas"]] == ["127.0.0.1:2"]
@@ -438,7 +439,8 @@ def test_the_directory_rechecks_a_tls_replica_and_busy_is_not_dead(ray_session, 
             held = method(channel, "Forward", expert_pb2.ForwardResponse).future(
                 forward_request(), timeout=10, metadata=call_metadata(TOKEN))
             time.sleep(0.2)
-            directory.report_failure(r[1].address)
+            # awaited, so the polling below starts after the report (the client's is fire and forget)
+            ray.get(get_directory().report_failure.remote("test-app-tls", r[1].address))
             deadline = time.monotonic() + 10
             while [e["state"] for e in directory.snapshot()["replicas"]] == ["suspect"]:
                 assert time.monotonic() < deadline, "the directory never re-checked the replica"
