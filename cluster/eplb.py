@@ -181,7 +181,7 @@ def imbalance(loads: np.ndarray) -> float:
 
 
 # A load counts as shifted when a chi-square test of homogeneity puts the recent shares this many standard
-# deviations past sampling noise (p < 3e-5: checked every second, a steady load seldom trips it; a moved hot set
+# deviations past sampling noise (p < 3e-5: checked twice a second, a steady load seldom trips it; a moved hot set
 # reads tens of deviations).
 SHIFT_Z = 4.0
 

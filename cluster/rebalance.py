@@ -29,7 +29,7 @@ from router.grpc_dispatch import placement_in_force
 
 log = logging.getLogger(__name__)
 
-SHIFT_WINDOW_S = 2.0  # the newest load a shift is judged on, and the first re-placement after one balances
+SHIFT_WINDOW_S = 1.0  # the newest load a shift is judged on, and the first re-placement after one balances
 
 
 @dataclass
@@ -138,7 +138,7 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
     the old counts, so a shard that lost a replica (the autoscaler's, or a failure) now overloads those left, and
     one that gained a replica leaves it short of work; and at once when the load shifts: the experts' shares over
     the last SHIFT_WINDOW_S differ from those before beyond noise (cluster.eplb.load_shifted; a hot set that moved),
-    checked every second. Each looks at the load of o.window_s, or of the time since the loop started or the load
+    checked every poll. Each looks at the load of o.window_s, or of the time since the loop started or the load
     last shifted if that is less (a shift's own rebalance at the last SHIFT_WINDOW_S). Runs until `stop` is set."""
     from cluster.directory import DirectoryClient
 
@@ -146,7 +146,6 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
     started = time.monotonic()
     regime = started  # since when the load has been as it is now
     counts, due = None, started + (every_s if first_s is None else first_s)
-    checked = started
     while not stop.wait(poll_s):
         try:
             now = serving_counts(directory.snapshot())
@@ -158,9 +157,8 @@ def rebalance_loop(app: str, o: RebalanceOptions, every_s: float, stop: threadin
         t = time.monotonic()
         shifted = False
         if not changed and t < due:
-            if t - checked < 1.0 or t - regime < 2 * SHIFT_WINDOW_S:
+            if t - regime < 2 * SHIFT_WINDOW_S:
                 continue
-            checked = t
             shifted = shift_seen(directory, min(o.window_s, t - regime))
             if not shifted:
                 continue

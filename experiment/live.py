@@ -44,7 +44,7 @@ GIVE_UP_S = 60.0  # a step that cannot reach its experts for this long fails its
 # The policy takes over once the replicas' load window (experts.load, 5 s) holds only the run's traffic: let loose
 # earlier, it reads the idle pause before the run as a plane to shrink.
 POLICY_AFTER_S = 5.0
-FIRST_REPLACE_S = 2.0  # two of the routers' 1 s load reports
+FIRST_REPLACE_S = 2.0  # four of the routers' 0.5 s load reports
 SWITCH_S = 2.0  # about what a live re-placement takes to switch (see cluster.rebalance.switch_placement)
 CALIBRATED_LOAD = 0.7  # the default arrival rate's share of what the starting plane decodes: busy, not drowning
 
@@ -136,7 +136,7 @@ def reset(name: str, policy: str, r: LiveRun, n_layers: int, n_experts: int, tim
     version, shards, standby, _ = current_placement(snap)
     if version and ([sorted(map(tuple, s)) for s in shards] != [sorted(s) for s in base] or any(standby)):
         switch_placement(name, base)
-        time.sleep(1.2)  # the routers' view refresh (1 s): the next run starts from what the directory says
+        time.sleep(1.2)  # the routers' view refresh (0.5 s) with room: the next run starts from what the directory says
 
 
 def start_policy(name: str, policy: str, r: LiveRun, at: float) -> None:

@@ -30,10 +30,10 @@ from experts.ffn import ExpertSet
 log = logging.getLogger(__name__)
 
 Pair = tuple[int, int]
-DRAIN_VIEW_S = 2.5  # > the routers' view refresh (1 s) with room: after it no router sends the old pairs
+DRAIN_VIEW_S = 2.5  # > the routers' view refresh (0.5 s) with room: after it no router sends the old pairs
 POLL_S = 0.5
 LOAD_NICENESS = 10
-LOAD_SPREAD_S = 1.0
+LOAD_SPREAD_S = 0.5
 
 
 class PlacementSource(Protocol):

@@ -260,7 +260,7 @@ class GrpcExperts(ExpertBackend):
     overlaps_calls = True  # a round trip per layer: worth hiding behind the other micro-batch's attention
 
     def __init__(self, source: ReplicaSource, n_layers: int, n_experts: int, *, timeout_s: float = 10.0,
-                 refresh_s: float = 1.0, suspect_s: float = 2.0, max_message_bytes: int | None = None,
+                 refresh_s: float = 0.5, suspect_s: float = 2.0, max_message_bytes: int | None = None,
                  token: str | None = None, group_by_expert: bool = True):
         """timeout_s: deadline of each call; refresh_s: how often the view is re-read from the source;
         suspect_s: how long a replica that failed is left out by this router before it is tried again;
