@@ -113,7 +113,7 @@ def rebalance(app: str, o: RebalanceOptions) -> dict:
     same = moved == 0 and all(set(a) == set(b) for a, b in zip(new_standby, standby, strict=True))
     if o.dry_run or same or (before - after < o.min_gain and not short):
         return result
-    target, seconds = switch_placement(app, result["shards"], o.timeout_s, result["standby"])
+    target, seconds = switch_placement(app, result["shards"], o.timeout_s, result["standby"], capacity.tolist())
     result.update(version=target, switched=True, seconds=seconds)
     log_decision(app, "rebalance", f"placement v{target}: {moved} pairs moved, {spares} standby copies loaded, "
                                    f"predicted imbalance {before:.2f} -> {after:.2f}, replicas ready in {seconds:.1f}s")
@@ -198,10 +198,12 @@ def shift_seen(directory, window_s: float) -> bool:
     return load_shifted(np.asarray(whole, dtype=np.float64) - recent, recent)
 
 
-def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0, standby: list[list] | None = None
-                     ) -> tuple[int, float]:
+def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0, standby: list[list] | None = None,
+                     capacity: list[float] | None = None) -> tuple[int, float]:
     """Make `shards` (pairs of each shard, and `standby`, each shard's standby pairs) the app's placement, live:
-    propose, wait until every replica holds its new pairs, commit. -> (the new version, seconds it took)."""
+    propose, wait until every replica holds its new pairs, commit. `capacity`: the replicas per shard it was
+    planned for, by which routers weigh a pair's copies while a shard has more or fewer. -> (the new version,
+    seconds it took)."""
     from cluster.directory import DirectoryClient
 
     directory = DirectoryClient(app)
@@ -214,7 +216,7 @@ def switch_placement(app: str, shards: list[list], timeout_s: float = 120.0, sta
     t0 = time.monotonic()
     directory.propose({"version": target, "plan_id": plan_id, "shards": [[list(p) for p in s] for s in shards],
                        "standby": [[list(p) for p in s] for s in (standby or [[] for _ in shards])],
-                       "time": time.time()})
+                       "capacity": capacity, "time": time.time()})
     try:
         wait_ready(directory, target, len(shards), timeout_s)
     except BaseException:

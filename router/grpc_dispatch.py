@@ -122,6 +122,7 @@ class Routing:
     n_holders: np.ndarray  # (L, E)
     standby: np.ndarray  # (L, E, S) shards keeping each pair loaded for when all its holders are down, padded with -1
     replicas: dict[int, list[Replica]]  # shard -> replicas ready for this version
+    planned: np.ndarray | None = None  # (G,) replicas per shard the placement was planned for; None: not recorded
 
     @property
     def num_shards(self) -> int:
@@ -175,19 +176,25 @@ def shard_table(shards_of: dict[tuple[int, int], set[int]], n_layers: int, n_exp
     return table
 
 
-def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray) -> np.ndarray:
-    """ids (T, k) experts of `layer`, keys (T,) sequences, n_holders (E,) copies of each -> (T, k) which copy.
+def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray, share: np.ndarray | None = None
+            ) -> np.ndarray:
+    """ids (T, k) experts of `layer`, keys (T,) sequences, n_holders (E,) copies of each, share (E, H) each copy's
+    weight (None: all alike) -> (T, k) which copy.
 
     A pair held by several shards splits this call's tokens evenly among its copies (to within one), in
     the order of a hash of (sequence, pair): ranges of that order go to one copy each, so a sequence
     tends to keep its copy from step to step, and no copy gets more than its share, which hashing each
     sequence on its own would give it with a few dozen sequences. Which copies take the odd tokens rotates
     with the lowest hash: fixed, the first copy (the lowest shard) would take them in every call, half
-    again its share when calls carry a token or two of a pair, as decode steps do.
+    again its share when calls carry a token or two of a pair, as decode steps do. Copies of unlike weights
+    split the tokens in proportion: the n tokens by hash sit at (rank + offset) / n, the offset in [0, 1)
+    a hash of the lowest hash, and each copy takes those within its part of [0, 1); so its expected tokens are its
+    share even in calls of one token.
 
     Example: expert 3 has 2 copies and 5 of this call's tokens; by hash they rank [t4, t0, t2, t1, t3]:
     rank * 2 // 5 gives [0, 0, 0, 1, 1]; rotated by t4's hash, say by 1: t4, t0, t2 go to copy 1; t1, t3
-    to copy 0.
+    to copy 0. With weights [1, 0.5] (parts [0, 2/3) and [2/3, 1)), offset 0.5: the points (rank + 0.5) / 5
+    are [0.1, 0.3, 0.5, 0.7, 0.9], so t4, t0, t2 go to copy 0; t1, t3 to copy 1.
     """
     n = n_holders[ids]  # (T, k)
     pick = np.zeros(ids.size, dtype=np.int64)
@@ -199,7 +206,13 @@ def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray
             at = np.flatnonzero(flat == e)
             order = at[np.argsort(h[at], kind="stable")]
             copies = int(n_holders[e])
-            pick[order] = (np.arange(len(at)) * copies // len(at) + int(h[order[0]] % np.uint64(copies))) % copies
+            w = None if share is None else share[e, :copies]
+            if w is None or not w.sum() > 0 or np.all(w == w[0]):
+                pick[order] = (np.arange(len(at)) * copies // len(at) + int(h[order[0]] % np.uint64(copies))) % copies
+                continue
+            offset = float(mix64(h[order[:1]])[0] >> np.uint64(11)) * 2.0**-53  # in [0, 1); the lowest hash is low
+            at_point = (np.arange(len(at)) + offset) / len(at)  # (n,) each token's point in [0, 1), by rank
+            pick[order] = np.minimum(np.searchsorted(np.cumsum(w) / w.sum(), at_point, side="right"), copies - 1)
     return pick.reshape(ids.shape)
 
 
@@ -307,8 +320,11 @@ class GrpcExperts(ExpertBackend):
         for e in sorted(ready, key=lambda e: e["replica_id"]):
             replicas.setdefault(e["shard"], []).append(
                 Replica(e["replica_id"], e["address"], zlib.crc32(e["replica_id"].encode()), ClientTLS.from_entry(e)))
+        record = view["placement"]
+        planned = (np.array(record["capacity"], dtype=np.float64)
+                   if version and record and record["version"] == version and record.get("capacity") else None)
         if old is not None and old.version == version and version:
-            return Routing(version, old.holders, old.n_holders, old.standby, replicas)
+            return Routing(version, old.holders, old.n_holders, old.standby, replicas, planned)
         try:
             holders, n_holders = holder_table([{"shard": s, "pairs": ps} for s, ps in pairs.items()],
                                               self.n_layers, self.n_experts)
@@ -318,7 +334,8 @@ class GrpcExperts(ExpertBackend):
             holders, n_holders = old.holders, old.n_holders  # a shard with no replica left: keep its pairs
         if old is not None and old.version != version:
             log.info("expert placement version %d -> %d", old.version, version)
-        return Routing(version, holders, n_holders, standby_table(standby, self.n_layers, self.n_experts), replicas)
+        return Routing(version, holders, n_holders, standby_table(standby, self.n_layers, self.n_experts), replicas,
+                       planned)
 
     @property
     def view(self) -> dict[int, list[Replica]]:
@@ -444,7 +461,7 @@ class GrpcExperts(ExpertBackend):
         # to their standby holders.
         holders, n_holders = around(routing.holders[layer], routing.n_holders[layer], self.down(routing),
                                     routing.standby[layer])
-        shard_of = holders[ids, copy_of(layer, ids, keys, n_holders)]  # (T, k)
+        shard_of = holders[ids, copy_of(layer, ids, keys, n_holders, self.copy_weights(holders, routing))]  # (T, k)
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
         name = WIRE_NAMES[x.dtype]
@@ -463,6 +480,16 @@ class GrpcExperts(ExpertBackend):
                         layer=layer, hidden=hidden, expert_ids=array_to_wire(sub_ids[r].astype(np.int32)),
                         weights=array_to_wire(w[r]))))
         return out
+
+    def copy_weights(self, holders: np.ndarray, routing: Routing) -> np.ndarray | None:
+        """holders (E, H) one layer's shards -> (E, H) each copy's weight: its shard's live replicas over those the
+        placement was planned for. A shard that lost a replica (failed, or suspect to this router) takes less of
+        the pairs it shares at once, and one that gained a replica more, until the re-placement that the change
+        of counts calls for plans for them; None (all alike) where the placement has no planned counts."""
+        if routing.planned is None:
+            return None
+        live = np.array([len(self.live(s, routing)) for s in range(len(routing.planned))]) / routing.planned  # (G,)
+        return np.where(holders >= 0, live[np.clip(holders, 0, len(live) - 1)], 0.0)
 
     def place(self, layer: int, ids: np.ndarray, here: np.ndarray, keys: np.ndarray, reps: list[Replica]
               ) -> np.ndarray:

@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -116,6 +117,26 @@ def test_copies_of_a_pair_split_each_call_within_one_and_share_evenly_over_small
         pick = copy_of(1, np.full((t, 1), 2), rng.integers(0, 1 << 40, t), n_holders)
         counts += np.bincount(pick.ravel(), minlength=3)
     assert np.abs(counts / counts.sum() - 1 / 3).max() < 0.03
+
+
+def test_copies_of_unlike_weight_split_each_call_in_proportion_and_alike_ones_as_before():
+    n_holders = np.array([1, 2, 3])  # (E,)
+    share = np.array([[1.0, 0, 0], [1.0, 0.5, 0], [2.0, 1.0, 1.0]])  # (E, H): a copy's shard down to half its replicas
+    rng = np.random.default_rng(1)
+    for t in (1, 2, 7, 60):
+        ids = np.stack([np.full(t, 1), np.full(t, 2)], 1)  # (T, k)
+        keys = rng.integers(0, 1 << 40, t)
+        pick = copy_of(0, ids, keys, n_holders, share)
+        for col, w in ((0, share[1, :2]), (1, share[2])):  # within one of each copy's part, in every call
+            got, want = np.bincount(pick[:, col], minlength=len(w)), t * w / w.sum()
+            assert (np.abs(got - want) < 1).all(), (t, col, got, want)
+        assert (copy_of(0, ids, keys, n_holders, np.ones((3, 3))) == copy_of(0, ids, keys, n_holders)).all()
+    # Calls of one token, as decode steps carry of a cold pair: each copy still gets its share on average.
+    counts = np.zeros(3)
+    for _ in range(3000):
+        counts += np.bincount(copy_of(1, np.full((1, 1), 2), rng.integers(0, 1 << 40, 1), n_holders, share).ravel(),
+                              minlength=3)
+    assert np.abs(counts / counts.sum() - [0.5, 0.25, 0.25]).max() < 0.03
 
 
 def test_a_shard_that_is_down_loses_its_pairs_to_their_other_holders():
@@ -313,6 +334,30 @@ def test_a_hot_shard_scales_up_then_down_without_failures(ray_session, ckpt):
         load_until(lambda: backend.routing.version >= 1, 30)
         pairs = [(l, e) for l in range(2) for e in range(4)]
         assert [sorted(map(tuple, sh["pairs"])) for sh in plane_status(app)["shards"]] == [pairs, pairs]
+        # The placement records the replicas it was planned for. A replica of shard 0 that this router stops
+        # trusting (as after a failure) takes shard 0's share of the pairs both shards hold down in proportion, in
+        # the next call, before any re-placement.
+        planned = backend.routing.planned
+        assert planned is not None and planned[0] >= 2 and planned[1] == 1
+
+        def shard0_share() -> float:
+            msgs = backend.requests(0, x[:400], hot[:400], w[:400], keys[:400])
+            slots = Counter()
+            for shard, _, _, req in msgs:
+                slots[shard] += int((np.frombuffer(req.expert_ids.data, dtype=np.int32) >= 0).sum())
+            return slots[0] / (slots[0] + slots[1])
+
+        def expected() -> float:
+            w0, w1 = (len(backend.live(s)) / planned[s] for s in (0, 1))
+            return w0 / (w0 + w1)
+        before = expected()
+        assert abs(shard0_share() - before) < 0.02
+        distrusted = backend.live(0)[0].replica_id
+        backend.suspect[distrusted] = time.monotonic() + 60
+        try:
+            assert expected() < before - 0.05 and abs(shard0_share() - expected()) < 0.02
+        finally:
+            del backend.suspect[distrusted]
         # Shard 1's only replica dies: its pairs' other holder, shard 0, runs them; no call fails.
         ids = torch.tensor([[0, 1], [2, 3], [1, 3], [3, 0]])
         want = backend.forward(1, x[:4], ids, w[:4])
