@@ -16,7 +16,9 @@ upscale_delay_s / downscale_delay_s). What is modelled:
       replica time in a layer = call_overhead_ms + sum over the experts of the layer it holds that got tokens of
                                 max(expert bytes / HBM bandwidth, 2 * 3 * dim * expert_hidden * tokens / flop rate)
   A layer's 2N routing slots go to experts by `slot_shares` of the workload's popularity; a shard's tokens split
-  evenly over its serving replicas, and a pair held by several shards splits evenly over them. At the peak
+  evenly over its serving replicas, and a pair held by several shards splits over them as routers split it: in
+  proportion to each shard's serving replicas against those the re-placement was planned for (evenly while
+  those agree, and always under the starting plan, which records none). At the peak
   numbers below an expert is memory-bound below ~295 tokens per call (0.105 ms to read its 352 MB), so extra
   replicas of a hot expert only shorten a step when each still gets more than that.
 - Load. Requests arrive open-loop, Poisson per 1 s tick, each decoding `tokens_per_request` tokens (prompts and
@@ -108,13 +110,16 @@ class _StepCost:
     """One tick's decode-step cost as a function of N active sequences, for fixed expert shares (L, E),
     holdings (G, L, E) and serving replicas (G,)."""
 
-    def __init__(self, c: SimCluster, share: np.ndarray, holds: np.ndarray, serving: np.ndarray) -> None:
+    def __init__(self, c: SimCluster, share: np.ndarray, holds: np.ndarray, serving: np.ndarray,
+                 planned: np.ndarray | None = None) -> None:
         self.c = c
         live = holds & (serving > 0)[:, None, None]
-        holders = live.sum(0)
-        self.stalled = bool(((share > 0) & (holders == 0)).any())  # some tokens have no replica to go to
-        # Tokens per active sequence per step that shard g gets of (layer, expert): 2 slots per token.
-        self.per_shard = np.where(live, 2 * share / np.maximum(holders, 1), 0.0)
+        self.stalled = bool(((share > 0) & ~live.any(0)).any())  # some tokens have no replica to go to
+        # A copy's weight: its shard's serving replicas against those the placement was planned for (router.grpc_
+        # dispatch.copy_of); tokens per active sequence per step that shard g gets of (layer, expert): 2 per token.
+        ratio = np.ones(len(serving)) if planned is None else serving / planned  # (G,)
+        weight = np.where(live, ratio[:, None, None], 0.0)  # (G, L, E)
+        self.per_shard = np.where(live, 2 * share * weight / np.maximum(weight.sum(0), 1e-12), 0.0)
         self.per_replica = self.per_shard / np.maximum(serving, 1)[:, None, None]
         self.called = self.per_shard > 0
         self.overhead = c.call_overhead_ms * self.called.any(2)  # (G, L): one call per layer touched
@@ -293,7 +298,8 @@ def simulate(w: Workload, policy: str, cluster: SimCluster, *, duration_s: float
     budget = c.gpus
     shards = [_Shard(budget // G) for _ in range(G)]
     holds = _expert_parallel(c)
-    switch: tuple[float, np.ndarray] | None = None  # (when, holdings) of a re-placement being loaded
+    planned: np.ndarray | None = None  # (G,) replicas per shard the placement in force was planned for
+    switch: tuple[float, np.ndarray, np.ndarray] | None = None  # (when, holdings, planned) of a re-placement loading
     every = max(1, round(replace_every_s / DT_S))
     window_load = np.zeros((c.n_layers, c.n_experts))  # tokens per (layer, expert) since the last re-placement
 
@@ -321,7 +327,7 @@ def simulate(w: Workload, policy: str, cluster: SimCluster, *, duration_s: float
             s.starting = [ready for ready in s.starting if ready > t]
         _start_pending(shards, budget, t, c.replica_start_s)
         if switch is not None and switch[0] <= t:
-            holds, switch = switch[1], None
+            holds, planned, switch = switch[1], switch[2], None
         if t == kill_t:
             # The busiest shard loses a serving replica; Serve starts a replacement on the freed GPU.
             per_replica = [last_load[g] / s.running if s.running else -1.0 for g, s in enumerate(shards)]
@@ -342,7 +348,7 @@ def simulate(w: Workload, policy: str, cluster: SimCluster, *, duration_s: float
         else:
             share = shares[epoch]
         serving = np.array([s.running for s in shards])
-        cost = _StepCost(c, share, holds, serving)
+        cost = _StepCost(c, share, holds, serving, planned)
 
         # Serve the tick: all that waits if the cap can, else the cap's worth, first come first served.
         waiting = sum(n for _, n in queue)
@@ -434,7 +440,7 @@ def simulate(w: Workload, policy: str, cluster: SimCluster, *, duration_s: float
                 # rebalance then fails the same way and the placement in force stays.
                 plan = holds
             if (plan != holds).any():
-                switch = (t + c.switch_s, plan)
+                switch = (t + c.switch_s, plan, capacity)
                 decisions.append({"time": t, "kind": "rebalance", "seconds_to_serving": c.switch_s})
             window_load[:] = 0.0
 

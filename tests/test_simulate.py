@@ -172,6 +172,20 @@ def test_a_killed_replica_is_restarted_and_nothing_fails():
     check_result(out)
 
 
+def test_a_shard_that_loses_a_replica_sheds_its_shared_pairs_at_once():
+    """Routers weigh a pair's copies by their shards' serving replicas against those the re-placement planned for:
+    the killed shard's share of the load drops in the tick of the kill, before any re-placement."""
+    out = run("raymoe+replace", kill_at_s=62.0)
+    t = np.array(out["series"]["t"])
+    load = np.array([out["series"]["load"][s] for s in SHARDS]).T  # (ticks, shards)
+    share = load / load.sum(1, keepdims=True)
+    r = replicas(out)
+    hot = int(np.flatnonzero(r[t == 62][0] < r[t == 61][0])[0])  # the shard that lost a replica
+    switched = [d["time"] + d["seconds_to_serving"] for d in out["decisions"] if d["kind"] == "rebalance"]
+    assert not [s for s in switched if 61 < s <= 62]  # no re-placement took effect in between
+    assert share[t == 62, hot][0] < 0.9 * share[t == 61, hot][0]
+
+
 def test_a_shard_without_replicas_stalls_but_loses_nothing():
     c = SimCluster(gpus=8)  # one replica per shard
     rate, duration = default_rate(c, 64), 200.0
