@@ -187,9 +187,9 @@ def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray
     sequence on its own would give it with a few dozen sequences. Which copies take the odd tokens rotates
     with the lowest hash: fixed, the first copy (the lowest shard) would take them in every call, half
     again its share when calls carry a token or two of a pair, as decode steps do. Copies of unlike weights
-    split the tokens in proportion: the n tokens by hash sit at (rank + offset) / n, the offset in [0, 1)
-    a hash of the lowest hash, and each copy takes those within its part of [0, 1); so its expected tokens are its
-    share even in calls of one token.
+    split the tokens in proportion: the n tokens by hash sit at (rank + offset) / n, with an offset in [0, 1)
+    drawn from the lowest hash, and each copy takes those in its part of [0, 1), so that its expected tokens are
+    its share even in calls of one token.
 
     Example: expert 3 has 2 copies and 5 of this call's tokens; by hash they rank [t4, t0, t2, t1, t3]:
     rank * 2 // 5 gives [0, 0, 0, 1, 1]; rotated by t4's hash, say by 1: t4, t0, t2 go to copy 1; t1, t3
