@@ -116,7 +116,7 @@ class _StepCost:
         live = holds & (serving > 0)[:, None, None]
         self.stalled = bool(((share > 0) & ~live.any(0)).any())  # some tokens have no replica to go to
         # A copy's weight: its shard's serving replicas against those the placement was planned for (router.grpc_
-        # dispatch.copy_of); tokens per active sequence per step that shard g gets of (layer, expert): 2 per token.
+        # dispatch.copy_weights); tokens per active sequence per step that shard g gets of (layer, expert): 2 per token.
         ratio = np.ones(len(serving)) if planned is None else serving / planned  # (G,)
         weight = np.where(live, ratio[:, None, None], 0.0)  # (G, L, E)
         self.per_shard = np.where(live, 2 * share * weight / np.maximum(weight.sum(0), 1e-12), 0.0)

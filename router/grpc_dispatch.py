@@ -216,6 +216,21 @@ def copy_of(layer: int, ids: np.ndarray, keys: np.ndarray, n_holders: np.ndarray
     return pick.reshape(ids.shape)
 
 
+def copy_weights(holders: np.ndarray, n_live: np.ndarray, planned: np.ndarray | None) -> np.ndarray | None:
+    """holders (E, H) one layer's shards, n_live (G,) each shard's live replicas, planned (G,) those the placement
+    was planned for -> (E, H) each copy's weight, n_live / planned of its shard. A shard that lost a replica
+    (failed, or suspect to this router) takes less of the pairs it shares at once, and one that gained a replica
+    more, until the re-placement that the change of counts calls for plans for them; None (all alike) where the
+    placement has no planned counts.
+
+    Example: shards 0 and 1 planned for 2 replicas each, shard 0 down to 1 live: a pair held by [0, 1] weighs
+    [0.5, 1.0], so shard 0 takes a third of its tokens."""
+    if planned is None:
+        return None
+    ratio = n_live / planned  # (G,)
+    return np.where(holders >= 0, ratio[np.maximum(holders, 0)], 0.0)
+
+
 def around(holders: np.ndarray, n_holders: np.ndarray, down: set[int], standby: np.ndarray | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
     """One layer's holders (E, H) and their counts (E,) with the shards in `down` left out of every pair that has
@@ -459,9 +474,11 @@ class GrpcExperts(ExpertBackend):
             keys = np.arange(len(ids), dtype=np.int64)
         # A shard none of whose replicas answers loses its pairs to their other holders (redundant copies), or else
         # to their standby holders.
-        holders, n_holders = around(routing.holders[layer], routing.n_holders[layer], self.down(routing),
-                                    routing.standby[layer])
-        shard_of = holders[ids, copy_of(layer, ids, keys, n_holders, self.copy_weights(holders, routing))]  # (T, k)
+        shards = routing.num_shards if routing.planned is None else len(routing.planned)  # the record's, all of them
+        n_live = np.array([len(self.live(s, routing)) for s in range(shards)])  # (G,)
+        holders, n_holders = around(routing.holders[layer], routing.n_holders[layer],
+                                    set(np.flatnonzero(n_live == 0).tolist()), routing.standby[layer])
+        shard_of = holders[ids, copy_of(layer, ids, keys, n_holders, copy_weights(holders, n_live, routing.planned))]
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
         name = WIRE_NAMES[x.dtype]
@@ -480,16 +497,6 @@ class GrpcExperts(ExpertBackend):
                         layer=layer, hidden=hidden, expert_ids=array_to_wire(sub_ids[r].astype(np.int32)),
                         weights=array_to_wire(w[r]))))
         return out
-
-    def copy_weights(self, holders: np.ndarray, routing: Routing) -> np.ndarray | None:
-        """holders (E, H) one layer's shards -> (E, H) each copy's weight: its shard's live replicas over those the
-        placement was planned for. A shard that lost a replica (failed, or suspect to this router) takes less of
-        the pairs it shares at once, and one that gained a replica more, until the re-placement that the change
-        of counts calls for plans for them; None (all alike) where the placement has no planned counts."""
-        if routing.planned is None:
-            return None
-        live = np.array([len(self.live(s, routing)) for s in range(len(routing.planned))]) / routing.planned  # (G,)
-        return np.where(holders >= 0, live[np.clip(holders, 0, len(live) - 1)], 0.0)
 
     def place(self, layer: int, ids: np.ndarray, here: np.ndarray, keys: np.ndarray, reps: list[Replica]
               ) -> np.ndarray:
