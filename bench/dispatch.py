@@ -16,6 +16,7 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,10 +245,10 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 fns = {k: with_threads(args.router_threads,
                                        lambda llm=llm, batch=batch: with_ping_pong(llm, False, batch, params))
                        for k, llm in llms.items() if k != "local"}
+                pp_wall = dict.fromkeys(rays, 0.0)  # seconds the ping-pong runs took, all together
                 for k in rays:  # the same plane with ping-pong micro-batches
-                    fns[f"{k} pp"] = with_threads(args.router_threads,
-                                                  lambda llm=llms[k], batch=batch: with_ping_pong(llm, True, batch,
-                                                                                                  params))
+                    fns[f"{k} pp"] = with_threads(args.router_threads, timed(
+                        pp_wall, k, lambda llm=llms[k], batch=batch: with_ping_pong(llm, True, batch, params)))
                 for t in sorted({1, default_threads}):
                     fns[f"local@{t}"] = with_threads(t, lambda batch=batch: llms["local"].generate(batch,
                                                                                                   params))
@@ -255,7 +256,9 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                         p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
                 before = {k: dispatch_counters(llms[k]) for k in rays}
                 best = best_of_each(fns, args.repeats)
-                hidden = {k: hidden_fraction(before[k], dispatch_counters(llms[k])) for k in rays}
+                after = {k: dispatch_counters(llms[k]) for k in rays}
+                hidden = {k: hidden_fraction(before[k], after[k]) for k in rays}
+                most = {k: hidden_bound(before[k], after[k], pp_wall[k]) for k in rays}
                 tps = {k: b * n / t for k, t in best.items()}
                 for ref in ("local", "HF"):
                     tps[ref] = max(v for k, v in tps.items() if k.startswith(ref + "@"))
@@ -264,7 +267,8 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
                       + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
                       + " | " + " ".join(f"{k} ping-pong: {tps[k + ' pp'] / tps[k]:.2f}x, {hidden[k]:.0%} "
-                                         f"of dispatch hidden; cores busy {busy[k][0]:.2f} ({busy[k + ' pp'][0]:.2f} "
+                                         f"of dispatch hidden (at most {most[k]:.0%}); cores busy "
+                                         f"{busy[k][0]:.2f} ({busy[k + ' pp'][0]:.2f} "
                                          f"ping-pong) of {os.cpu_count()}, the router's "
                                          f"{busy[k][1]:.2f} ({busy[k + ' pp'][1]:.2f})" for k in rays)
                       + ("" if same else "   (ray and local tokens differ!)"))
@@ -292,6 +296,25 @@ def hidden_fraction(before: tuple[float, float], after: tuple[float, float]) -> 
     """Of the dispatch time of ping-pong steps since `before`, the share the engine spent computing, not waiting."""
     calls, waited = after[0] - before[0], after[1] - before[1]
     return 1 - waited / calls if calls > 0 else float("nan")
+
+
+def hidden_bound(before: tuple[float, float], after: tuple[float, float], wall_s: float) -> float:
+    """The most of that dispatch time the engine could have hidden: the time it did not wait (its own attention,
+    gate and sampling, wall_s of ping-pong runs less the waits), over the time calls were in flight (one at a time,
+    on the call thread). Work cannot hide more than itself: where this is low, the router has too little of it."""
+    calls, waited = after[0] - before[0], after[1] - before[1]
+    return min(1.0, (wall_s - waited) / calls) if calls > 0 else float("nan")
+
+
+def timed(total: dict[str, float], key: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, adding the seconds each run takes to total[key]."""
+    def run() -> object:
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            total[key] += time.perf_counter() - t
+    return run
 
 
 def run(args: DispatchBenchOptions) -> None:
