@@ -13,6 +13,7 @@ idle, and with cores left idle the step waits on the chain router -> replicas ->
 """
 
 import asyncio
+import math
 import os
 import tempfile
 import time
@@ -266,8 +267,8 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 same = all(tokens[k] == tokens["local"] for k in rays)
                 print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
                       + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
-                      + " | " + " ".join(f"{k} ping-pong: {tps[k + ' pp'] / tps[k]:.2f}x, {hidden[k]:.0%} "
-                                         f"of dispatch hidden (at most {most[k]:.0%}); cores busy "
+                      + " | " + " ".join(f"{k} ping-pong: {tps[k + ' pp'] / tps[k]:.2f}x, {hid(hidden[k], most[k])}; "
+                                         f"cores busy "
                                          f"{busy[k][0]:.2f} ({busy[k + ' pp'][0]:.2f} "
                                          f"ping-pong) of {os.cpu_count()}, the router's "
                                          f"{busy[k][1]:.2f} ({busy[k + ' pp'][1]:.2f})" for k in rays)
@@ -304,6 +305,12 @@ def hidden_bound(before: tuple[float, float], after: tuple[float, float], wall_s
     on the call thread). Work cannot hide more than itself: where this is low, the router has too little of it."""
     calls, waited = after[0] - before[0], after[1] - before[1]
     return min(1.0, (wall_s - waited) / calls) if calls > 0 else float("nan")
+
+
+def hid(hidden: float, most: float) -> str:
+    if math.isnan(hidden):  # no step had two micro-batches (one sequence)
+        return "nothing split"
+    return f"{hidden:.0%} of dispatch hidden (at most {most:.0%})"
 
 
 def timed(total: dict[str, float], key: str, fn: Callable[[], object]) -> Callable[[], object]:
