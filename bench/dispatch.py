@@ -10,6 +10,7 @@ Part 2 decodes the model-core benchmark checkpoint with the experts on Ray, in-p
 many of the machine's cores the Ray decode kept busy (router and replicas together), and how many the router
 alone: what overlapping a micro-batch's calls with the other's attention can gain is bounded by the cores left
 idle, and with cores left idle the step waits on the chain router -> replicas -> router, not on the machine.
+It is bounded by the router's own work too: beside the share of dispatch time ping-pong hid, the most it could.
 """
 
 import asyncio
