@@ -401,10 +401,14 @@ class GrpcExperts(ExpertBackend):
         reps = (routing or self.routing).replicas.get(shard, [])
         return [r for r in reps if self.suspect.get(r.replica_id, 0.0) <= now]
 
+    def live_counts(self, routing: Routing) -> np.ndarray:
+        """(G,) how many replicas of each shard this router would call now, over every shard of the placement."""
+        shards = routing.num_shards if routing.planned is None else len(routing.planned)  # the record's, all of them
+        return np.array([len(self.live(s, routing)) for s in range(shards)])
+
     def down(self, routing: Routing | None = None) -> set[int]:
         """Shards none of whose replicas this router would call now."""
-        routing = routing or self.routing
-        return {s for s in range(routing.num_shards) if not self.live(s, routing)}
+        return set(np.flatnonzero(self.live_counts(routing or self.routing) == 0).tolist())
 
     def unavailable_shards(self) -> list[int]:
         """Shards with no replica this router would call now (for /health)."""
@@ -474,8 +478,7 @@ class GrpcExperts(ExpertBackend):
             keys = np.arange(len(ids), dtype=np.int64)
         # A shard none of whose replicas answers loses its pairs to their other holders (redundant copies), or else
         # to their standby holders.
-        shards = routing.num_shards if routing.planned is None else len(routing.planned)  # the record's, all of them
-        n_live = np.array([len(self.live(s, routing)) for s in range(shards)])  # (G,)
+        n_live = self.live_counts(routing)  # (G,)
         holders, n_holders = around(routing.holders[layer], routing.n_holders[layer],
                                     set(np.flatnonzero(n_live == 0).tolist()), routing.standby[layer])
         shard_of = holders[ids, copy_of(layer, ids, keys, n_holders, copy_weights(holders, n_live, routing.planned))]
