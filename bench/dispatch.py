@@ -269,8 +269,7 @@ def bench_decode(args: DispatchBenchOptions, tmp: Path) -> None:
                 print(f"{b:>5} | " + " ".join(f"{tps[k]:>8.1f}" for k in [*rays, "local", "HF"]) + " | "
                       + " ".join(f"{tps[k] / tps['local']:>15.2f}x {tps[k] / tps['HF']:>5.2f}x" for k in rays)
                       + " | " + " ".join(f"{k} ping-pong: {tps[k + ' pp'] / tps[k]:.2f}x, {hid(hidden[k], most[k])}; "
-                                         f"cores busy "
-                                         f"{busy[k][0]:.2f} ({busy[k + ' pp'][0]:.2f} "
+                                         f"cores busy {busy[k][0]:.2f} ({busy[k + ' pp'][0]:.2f} "
                                          f"ping-pong) of {os.cpu_count()}, the router's "
                                          f"{busy[k][1]:.2f} ({busy[k + ' pp'][1]:.2f})" for k in rays)
                       + ("" if same else "   (ray and local tokens differ!)"))

@@ -231,6 +231,11 @@ def copy_weights(holders: np.ndarray, n_live: np.ndarray, planned: np.ndarray | 
     return np.where(holders >= 0, ratio[np.maximum(holders, 0)], 0.0)
 
 
+def shards_down(n_live: np.ndarray) -> set[int]:
+    """(G,) live replicas of each shard -> the shards with none."""
+    return set(np.flatnonzero(n_live == 0).tolist())
+
+
 def around(holders: np.ndarray, n_holders: np.ndarray, down: set[int], standby: np.ndarray | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
     """One layer's holders (E, H) and their counts (E,) with the shards in `down` left out of every pair that has
@@ -408,7 +413,7 @@ class GrpcExperts(ExpertBackend):
 
     def down(self, routing: Routing | None = None) -> set[int]:
         """Shards none of whose replicas this router would call now."""
-        return set(np.flatnonzero(self.live_counts(routing or self.routing) == 0).tolist())
+        return shards_down(self.live_counts(routing or self.routing))
 
     def unavailable_shards(self) -> list[int]:
         """Shards with no replica this router would call now (for /health)."""
@@ -480,7 +485,7 @@ class GrpcExperts(ExpertBackend):
         # to their standby holders.
         n_live = self.live_counts(routing)  # (G,)
         holders, n_holders = around(routing.holders[layer], routing.n_holders[layer],
-                                    set(np.flatnonzero(n_live == 0).tolist()), routing.standby[layer])
+                                    shards_down(n_live), routing.standby[layer])
         shard_of = holders[ids, copy_of(layer, ids, keys, n_holders, copy_weights(holders, n_live, routing.planned))]
         row_bytes = x.shape[1] * x.element_size() + ids.shape[1] * 8
         max_rows = max(1, (self.max_message_bytes - 4096) // row_bytes)
